@@ -1,0 +1,37 @@
+# Every target sets up (or reuses) the virtual environment in .venv by itself.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ddpm-installed
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: it is the CPU build; a bare "torch" requirement would pull a CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+# The main job: train on the built-in 8x8 digits for a few minutes, sample, and show where the pictures are.
+MINUTES ?= 5
+RUN ?= runs/digits
+demo: $(STAMP)
+	$(VENV)/bin/ddpm train --data digits --minutes $(MINUTES) --run-dir $(RUN)
+	$(VENV)/bin/ddpm sample $(RUN) --num 64
+	$(VENV)/bin/ddpm info $(RUN)
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/train_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

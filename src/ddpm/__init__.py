@@ -1,0 +1,81 @@
+"""ddpm: denoising diffusion probabilistic models (Ho et al. 2020), exact, tested, fast on a CPU.
+
+The math (``schedules``, ``diffusion``, ``losses``) and the algorithms that take a network as a
+callable (``likelihood``, ``samplers``, ``oracle``) are imported here; the networks, data, training and
+CLI load on first use so that ``import ddpm`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ddpm.diffusion import (
+    PMeanVariance,
+    eps_from_v,
+    eps_from_x0,
+    p_mean_variance,
+    p_sample_step,
+    q_posterior_mean_variance,
+    q_sample,
+    q_step,
+    target_for,
+    v_from_x0_eps,
+    x0_from_eps,
+    x0_from_v,
+)
+from ddpm.errors import DDPMError
+from ddpm.likelihood import BoundTerms, variational_bound
+from ddpm.losses import decoder_nll, normal_kl, prior_kl, simple_loss, vlb_term
+from ddpm.oracle import GaussianMixture
+from ddpm.samplers import SAMPLERS, ancestral_sample, sample
+from ddpm.schedules import BETA_SCHEDULES, NoiseSchedule, respace
+
+__version__ = "0.1.0"
+
+# name -> module holding it, imported on first access (PEP 562).
+_LAZY = {
+    "UNet": "ddpm.nets",
+    "MLP": "ddpm.nets",
+    "build_unet": "ddpm.nets",
+    "load_dataset": "ddpm.data",
+    "train": "ddpm.train",
+    "RunConfig": "ddpm.config",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ddpm' has no attribute {name!r}")
+
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "SAMPLERS",
+    "BoundTerms",
+    "DDPMError",
+    "GaussianMixture",
+    "NoiseSchedule",
+    "PMeanVariance",
+    "ancestral_sample",
+    "decoder_nll",
+    "eps_from_v",
+    "eps_from_x0",
+    "normal_kl",
+    "p_mean_variance",
+    "p_sample_step",
+    "prior_kl",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "q_step",
+    "respace",
+    "sample",
+    "simple_loss",
+    "target_for",
+    "v_from_x0_eps",
+    "variational_bound",
+    "vlb_term",
+    "x0_from_eps",
+    "x0_from_v",
+    *_LAZY,
+]

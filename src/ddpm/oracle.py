@@ -1,0 +1,157 @@
+"""The exact denoiser for Gaussian-mixture data: a "perfectly trained network" with no training.
+
+If x_0 ~ sum_k w_k N(mu_k, S_k), then x_t = a x_0 + sigma eps (a = sqrt(alpha_bar_t),
+sigma = sqrt(1 - alpha_bar_t)) is again a mixture, sum_k w_k N(a mu_k, C_k) with C_k = a^2 S_k + sigma^2 I,
+and because Cov(eps, x_t | k) = sigma I the optimal eps-prediction has the closed form
+
+    E[eps | x_t] = sum_k r_k(x_t) sigma C_k^{-1} (x_t - a mu_k),   r_k = posterior probability of k.
+
+It is written for low-dimensional data (full covariances, D up to a few dozen).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ddpm.schedules import NoiseSchedule
+
+Tensor = torch.Tensor
+_F64 = torch.float64
+
+
+class GaussianMixture:
+    """sum_k weights[k] N(means[k], covs[k]) in R^D, held in float64.
+
+    weights [K] (normalised here), means [K, D], covs [K, D, D] symmetric positive definite.
+    """
+
+    def __init__(self, weights: Sequence[float] | Tensor, means, covs) -> None:
+        w = torch.as_tensor(weights, dtype=_F64).flatten()
+        mu = torch.as_tensor(means, dtype=_F64)
+        cov = torch.as_tensor(covs, dtype=_F64)
+        if (
+            mu.ndim != 2
+            or cov.shape != (mu.shape[0], mu.shape[1], mu.shape[1])
+            or w.shape[0] != mu.shape[0]
+        ):
+            raise ValueError(
+                f"expected weights [K], means [K, D], covs [K, D, D]; got {tuple(w.shape)}, "
+                f"{tuple(mu.shape)}, {tuple(cov.shape)}"
+            )
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError("mixture weights must be non-negative and not all zero")
+        self.weights = w / w.sum()
+        self.means = mu
+        self.covs = 0.5 * (cov + cov.transpose(-1, -2))
+        self._chol = torch.linalg.cholesky(
+            self.covs
+        )  # raises if a covariance is not positive definite
+
+    @classmethod
+    def isotropic(cls, weights, means, std: float) -> GaussianMixture:
+        """A mixture whose components all have covariance std^2 I."""
+        mu = torch.as_tensor(means, dtype=_F64)
+        eye = torch.eye(mu.shape[1], dtype=_F64)
+        return cls(weights, mu, (std**2 * eye).expand(mu.shape[0], -1, -1).clone())
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    @property
+    def num_components(self) -> int:
+        return int(self.means.shape[0])
+
+    def mean(self) -> Tensor:
+        """E[x] = sum_k w_k mu_k."""
+        return self.weights @ self.means
+
+    def covariance(self) -> Tensor:
+        """Cov[x] = sum_k w_k (S_k + mu_k mu_k^T) - E[x] E[x]^T."""
+        m = self.mean()
+        second = torch.einsum(
+            "k,kij->ij", self.weights, self.covs + self.means[:, :, None] * self.means[:, None, :]
+        )
+        return second - torch.outer(m, m)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n draws [n, D] (float64), with their components chosen by the weights."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, dtype=_F64, generator=generator)
+        return self.means[k] + torch.einsum("nij,nj->ni", self._chol[k], z)
+
+    def component_log_prob(self, x: Tensor) -> Tensor:
+        """log w_k + log N(x; mu_k, S_k) for every k: [N, K]."""
+        return _component_log_prob(x.to(_F64), self.weights, self.means, self._chol)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) = logsumexp_k (log w_k + log N(x; mu_k, S_k)), [N], float64."""
+        return torch.logsumexp(self.component_log_prob(x), dim=1)
+
+    def marginal(self, alpha_bar: float) -> GaussianMixture:
+        """q(x_t) for x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps: means a mu_k, covs a^2 S_k + (1 - alpha_bar) I."""
+        eye = torch.eye(self.dim, dtype=_F64)
+        return GaussianMixture(
+            self.weights,
+            math.sqrt(alpha_bar) * self.means,
+            alpha_bar * self.covs + (1 - alpha_bar) * eye,
+        )
+
+    def entropy_mc(
+        self, n: int = 200_000, generator: torch.Generator | None = None
+    ) -> tuple[float, float]:
+        """Monte-Carlo differential entropy H = -E[log p(x)] in nats, with its standard error."""
+        lp = self.log_prob(self.sample(n, generator))
+        return float(-lp.mean()), float(lp.std() / math.sqrt(n))
+
+    def denoiser(self, schedule: NoiseSchedule):
+        """The exact eps-predictor ``model(x_t, t) -> E[eps | x_t]`` for data from this mixture, where t
+        is the *original* timestep of ``schedule`` (0-based), as networks are called."""
+        return OracleDenoiser(self, schedule)
+
+
+def _component_log_prob(x: Tensor, weights: Tensor, means: Tensor, chol: Tensor) -> Tensor:
+    # Batched over x: [N, D]; means [K, D] or [N, K, D]; chol [K, D, D] or [N, K, D, D].
+    diff = x[:, None, :] - means  # [N, K, D]
+    chol = chol.expand(diff.shape[0], *chol.shape[-3:]) if chol.ndim == 3 else chol
+    sol = torch.linalg.solve_triangular(chol, diff.unsqueeze(-1), upper=False).squeeze(-1)
+    maha = (sol**2).sum(-1)
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    d = x.shape[1]
+    return torch.log(weights) - 0.5 * (d * math.log(2 * math.pi) + log_det + maha)
+
+
+class OracleDenoiser:
+    """``model(x_t, t) -> E[eps | x_t]`` for a Gaussian mixture; behaves like a trained eps-network."""
+
+    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule) -> None:
+        self.mixture = mixture
+        self.schedule = schedule
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        gm = self.mixture
+        x = x_t.to(_F64).reshape(x_t.shape[0], -1)
+        t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(x.shape[0])
+        # The network sees original timesteps; look them up in the original (un-respaced) chain.
+        index = torch.searchsorted(self.schedule.timesteps, t)
+        # A batch usually holds a few distinct t: factor C_k once per distinct t, not per sample.
+        uniq, inverse = torch.unique(index, return_inverse=True)
+        alpha_bar = self.schedule.alpha_bar[uniq][:, None, None, None]  # [U, 1, 1, 1]
+        cov_t = alpha_bar * gm.covs + (1 - alpha_bar) * torch.eye(
+            gm.dim, dtype=_F64
+        )  # [U, K, D, D]
+        chol = torch.linalg.cholesky(cov_t)
+        precision = torch.cholesky_inverse(chol)[inverse]  # [N, K, D, D]
+        log_det = (2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1))[inverse]  # [N, K]
+        a = self.schedule.sqrt_alpha_bar[index][:, None, None]  # [N, 1, 1]
+        diff = x[:, None, :] - a * gm.means  # [N, K, D]
+        solved = torch.einsum("nkij,nkj->nki", precision, diff)  # C_k^{-1} (x_t - a mu_k)
+        maha = (diff * solved).sum(-1)
+        log_r = torch.log(gm.weights) - 0.5 * (log_det + maha)  # the shared 2 pi term cancels
+        r = torch.softmax(log_r, dim=1)  # [N, K]
+        sigma = self.schedule.sqrt_one_minus_alpha_bar[index][:, None]  # [N, 1]
+        eps = sigma * (r[:, :, None] * solved).sum(1)
+        return eps.reshape(x_t.shape).to(x_t.dtype)
