@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from ddpm.oracle import GaussianMixture
-from ddpm.samplers import SAMPLERS, ancestral_sample, evenly_spaced_timesteps, sample
-from ddpm.schedules import NoiseSchedule
+from ddpm.samplers import (
+    SAMPLERS,
+    ancestral_sample,
+    ddim_sample,
+    dpm_solver_sample,
+    evenly_spaced_timesteps,
+    sample,
+    timestep_grid,
+)
+from ddpm.schedules import NoiseSchedule, respace
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -98,3 +106,79 @@ def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="ancestral"):
         sample(GM.denoiser(s), s, (1, 2), sampler="euler")
     assert "ancestral" in SAMPLERS
+
+
+def test_ddim_with_eta_one_on_the_full_grid_equals_ancestral_sampling():
+    s = NoiseSchedule.from_name("linear", 200)
+    model, x_T = GM.denoiser(s), torch.randn(64, 2, dtype=torch.float64)
+    ancestral = ancestral_sample(model, s, x_T, generator=torch.Generator().manual_seed(1)).x0
+    ddim = ddim_sample(model, s, x_T, eta=1.0, generator=torch.Generator().manual_seed(1)).x0
+    assert torch.allclose(ddim, ancestral, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("grid", ["linspace", "logsnr", "trailing"])
+def test_dpm_solver_order_one_equals_ddim_with_eta_zero(grid):
+    s = NoiseSchedule.from_name("cosine", 1000)
+    r = respace(s, timestep_grid(s, 12, grid))
+    model, x_T = GM.denoiser(s), torch.randn(64, 2, dtype=torch.float64)
+    ddim = ddim_sample(model, r, x_T, eta=0.0).x0
+    dpm = dpm_solver_sample(model, r, x_T, order=1).x0
+    assert torch.allclose(dpm, ddim, rtol=1e-9, atol=1e-9)
+
+
+def test_ddim_with_eta_zero_is_deterministic_given_x_T():
+    s = respace(NoiseSchedule.from_name("linear", 1000), evenly_spaced_timesteps(1000, 10))
+    model, x_T = GM.denoiser(NoiseSchedule.from_name("linear", 1000)), torch.randn(8, 2)
+    a = ddim_sample(model, s, x_T, generator=torch.Generator().manual_seed(1)).x0
+    b = ddim_sample(model, s, x_T, generator=torch.Generator().manual_seed(2)).x0
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_higher_order_dpm_solver_converges_to_the_full_chain_result(order):
+    # The deterministic samplers solve the same probability-flow ODE: with many steps they agree.
+    s = NoiseSchedule.from_name("linear", 1000)
+    model, x_T = GM.denoiser(s), torch.randn(256, 2, dtype=torch.float64)
+    reference = ddim_sample(model, s, x_T).x0
+    errors = []
+    for k in (25, 100):
+        r = respace(s, timestep_grid(s, k, "logsnr"))
+        errors.append(
+            (dpm_solver_sample(model, r, x_T, order=order).x0 - reference).abs().median().item()
+        )
+    assert errors[1] < errors[0]
+    assert errors[1] < 0.02
+
+
+@pytest.mark.parametrize(
+    "grid,first,last",
+    [
+        ("linspace", 0, 999),
+        ("leading", 0, 950),
+        ("trailing", 49, 999),
+        ("quadratic", 0, 999),
+        ("logsnr", 0, 999),
+    ],
+)
+def test_every_grid_has_distinct_ascending_steps_between_its_defined_ends(grid, first, last):
+    steps = timestep_grid(NoiseSchedule.from_name("linear", 1000), 20, grid)
+    assert len(steps) == 20
+    assert (steps.diff() > 0).all()
+    assert (int(steps[0]), int(steps[-1])) == (first, last)
+
+
+def test_grid_with_as_many_steps_as_the_chain_is_the_chain():
+    s = NoiseSchedule.from_name("linear", 100)
+    for grid in ("linspace", "quadratic", "logsnr", "trailing", "leading"):
+        assert torch.equal(timestep_grid(s, 100, grid), torch.arange(100)), grid
+
+
+@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5])
+def test_grid_with_a_bad_step_count_is_refused(steps):
+    with pytest.raises(ValueError, match="steps"):
+        timestep_grid(NoiseSchedule.from_name("linear", 1000), steps, "linspace")
+
+
+def test_unknown_grid_is_refused():
+    with pytest.raises(ValueError, match="trailing"):
+        timestep_grid(NoiseSchedule.from_name("linear", 1000), 10, "cubic")
