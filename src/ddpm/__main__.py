@@ -1,0 +1,5 @@
+"""``python -m ddpm``: the same as the ``ddpm`` command."""
+
+from ddpm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""The ``ddpm`` command: train, sample, info, forward.
+
+Each subcommand turns its arguments into a call of one library function. Every user-facing failure is
+printed as a single line ``ddpm: error: <message>`` on stderr and exits with the error's code (see
+``ddpm.errors``); Ctrl-C exits with 130 after training has written a checkpoint. Set DDPM_DEBUG=1 to
+get the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from ddpm.errors import DDPMError
+
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"ddpm: error: {message} (see '{self.prog} --help')\n")
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"ddpm: warning: {_one_line(message)}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# subcommands
+# --------------------------------------------------------------------------------------------------
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """{section: {key: value}} from the options whose dest is "section.key" and that were given."""
+    overrides: dict[str, dict] = {}
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, key = dest.split(".")
+            overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ddpm.train import prepare_run, train
+
+    config, run_dir = prepare_run(_overrides(args), config_file=args.config, run_dir=args.run_dir)
+    result = train(config, run_dir, progress=not args.quiet, verbose=not args.quiet)
+    print(f"run:        {result.run_dir} (step {result.step})")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"samples:    {result.samples}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from ddpm.train import sample_run
+
+    result = sample_run(
+        args.run,
+        num=args.num,
+        steps=args.steps,
+        seed=args.seed,
+        use_ema=False if args.raw else None,
+        out_dir=args.out,
+        trajectory=args.trajectory,
+        progress=not args.quiet,
+    )
+    print(f"samples:    {result.png}")
+    print(f"arrays:     {result.npz}")
+    if result.trajectory_png is not None:
+        print(f"trajectory: {result.trajectory_png}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from ddpm.train import describe_run
+
+    print(describe_run(args.run))
+    return 0
+
+
+def _cmd_forward(args: argparse.Namespace) -> int:
+    from ddpm.config import DataConfig, DiffusionConfig
+    from ddpm.train import forward_process_picture
+
+    data = DataConfig(name=args.data, root=args.data_root, image_size=args.image_size)
+    diffusion = DiffusionConfig(schedule=args.schedule, num_timesteps=args.timesteps)
+    out = args.out if args.out is not None else Path(f"forward_{args.data}.png")
+    print(forward_process_picture(data, diffusion, out, num=args.num, seed=args.seed))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    try:
+        from importlib.metadata import version as _dist_version
+
+        version = _dist_version("ddpm")
+    except Exception:  # not installed (running from a source tree)
+        version = "unknown"
+
+    parser = _Parser(
+        prog="ddpm", description="Denoising diffusion probabilistic models (Ho et al. 2020)."
+    )
+    parser.add_argument("--version", action="version", version=f"ddpm {version}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    p = sub.add_parser("train", help="train a model (resumes if the run directory exists)")
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="TOML file with [data] [model] [diffusion] [train] [sample]",
+    )
+    # Options whose dest is "section.key" override that key of the config (see _overrides).
+    opt = p.add_argument
+    opt(
+        "--data",
+        dest="data.name",
+        metavar="NAME",
+        help="data set: digits (default), mnist, fashion-mnist, folder, npz, moons, ...",
+    )
+    opt(
+        "--data-root",
+        dest="data.root",
+        metavar="PATH",
+        help="folder / .npz file / IDX directory of the data",
+    )
+    opt(
+        "--image-size", dest="data.image_size", type=int, metavar="N", help="resize images to N x N"
+    )
+    opt(
+        "--model",
+        dest="model.preset",
+        metavar="PRESET",
+        help="tiny, small, cifar10, mlp (default: by data)",
+    )
+    opt(
+        "--schedule",
+        dest="diffusion.schedule",
+        metavar="NAME",
+        help="beta schedule: linear (default), cosine, quadratic, ...",
+    )
+    opt(
+        "--timesteps",
+        dest="diffusion.num_timesteps",
+        type=int,
+        metavar="T",
+        help="diffusion steps T (1000)",
+    )
+    opt(
+        "--prediction",
+        dest="diffusion.prediction",
+        metavar="KIND",
+        help="what the network predicts: eps (default), x0, v",
+    )
+    opt(
+        "--variance",
+        dest="diffusion.variance",
+        metavar="KIND",
+        help="fixed_small (default), fixed_large, learned_range",
+    )
+    opt(
+        "--steps", dest="train.steps", type=int, metavar="N", help="total training steps of the run"
+    )
+    opt(
+        "--minutes",
+        dest="train.minutes",
+        type=float,
+        metavar="M",
+        help="wall-clock minutes for this call",
+    )
+    opt("--batch-size", dest="train.batch_size", type=int, metavar="B")
+    opt("--lr", dest="train.lr", type=float, metavar="LR")
+    opt("--ema-decay", dest="train.ema_decay", type=float, metavar="D")
+    opt(
+        "--bf16",
+        dest="train.bf16",
+        action="store_true",
+        default=None,
+        help="bfloat16 autocast (CPUs with AVX512-BF16/AMX)",
+    )
+    opt("--seed", dest="train.seed", type=int, metavar="S")
+    opt(
+        "--sample-every",
+        dest="train.sample_every",
+        type=int,
+        metavar="N",
+        help="preview every N steps (0: at the end)",
+    )
+    opt("--checkpoint-every", dest="train.checkpoint_every", type=int, metavar="N")
+    opt("--no-tensorboard", dest="train.tensorboard", action="store_false", default=None)
+    opt("--run-dir", metavar="DIR", help="run directory (default: runs/<data>)")
+    opt("-q", "--quiet", action="store_true", help="no progress bar or messages")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a trained run")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--num", type=int, help="number of samples (default 64)")
+    p.add_argument(
+        "--steps", type=int, metavar="K", help="respaced chain of K steps (default: all T)"
+    )
+    p.add_argument("--seed", type=int, metavar="S")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/generated)")
+    p.add_argument(
+        "--trajectory", action="store_true", help="also draw the reverse process x_T .. x_0"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("info", help="describe a run")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("forward", help="picture of the forward process on real data")
+    p.add_argument("--data", default="digits", help="data set (default digits)")
+    p.add_argument("--data-root", metavar="PATH")
+    p.add_argument("--image-size", type=int, metavar="N")
+    p.add_argument("--schedule", default="linear")
+    p.add_argument("--timesteps", type=int, default=1000, metavar="T")
+    p.add_argument("--num", type=int, default=8, help="number of examples (images)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="PATH", help="PNG to write (default: forward_<data>.png)")
+    p.set_defaults(func=_cmd_forward)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script passes it to sys.exit)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(os.environ.get("DDPM_DEBUG"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except KeyboardInterrupt as err:  # training raises it with "interrupted at step N; ..."
+            print(f"ddpm: {_one_line(err) if str(err) else 'interrupted'}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except DDPMError as err:
+            print(f"ddpm: error: {_one_line(err)}", file=sys.stderr)
+            return err.exit_code
+        except ValueError as err:  # the math's own argument checks
+            if debug:
+                raise
+            print(f"ddpm: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        except OSError as err:  # permission denied, disk full, ...
+            if debug:
+                raise
+            where = f": {err.filename}" if err.filename else ""
+            print(f"ddpm: error: {_one_line(err.strerror or err)}{where}", file=sys.stderr)
+            return 1
+        except Exception as err:  # a bug: still one line, with a way to get the traceback
+            if debug:
+                raise
+            print(
+                f"ddpm: error: internal error: {type(err).__name__}: {_one_line(err)} "
+                "(set DDPM_DEBUG=1 for a traceback)",
+                file=sys.stderr,
+            )
+            return 1

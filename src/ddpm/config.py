@@ -1,0 +1,377 @@
+"""Run configuration: typed frozen dataclasses, read from TOML, merged with CLI overrides, saved as JSON.
+
+A ``RunConfig`` has five sections, each a dataclass whose defaults make a working run::
+
+    [data]       what to train on                 [model]   the network (preset + overrides)
+    [diffusion]  schedule, T, parameterization    [train]   optimizer, budget, logging
+    [sample]     defaults for ``ddpm sample``
+
+Values are validated when a section is built, so a bad value fails with a one-line ``ConfigError``
+naming the key, whether it came from TOML, the command line or Python. ``resolve_config`` fills the
+choices that depend on the data (the model preset, the image size) and the default budget; the
+resolved config is what a run directory's ``config.json`` holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddpm.diffusion import PREDICTIONS, VARIANCES
+from ddpm.errors import ConfigError
+from ddpm.samplers import SAMPLERS
+from ddpm.schedules import BETA_SCHEDULES
+
+# The default budget when neither steps nor minutes is given: enough for recognisable 8x8 digits with
+# the tiny U-Net, about five minutes on a 2-core CPU (see the README for the measurement).
+DEFAULT_STEPS = 3000
+
+SPLITS = ("train", "test", "all")
+
+
+def _positive_int(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ConfigError(f"{name} must be {kind} integer, got {value!r}")
+
+
+def _positive_float(
+    name: str, value, *, allow_none: bool = False, allow_zero: bool = False
+) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ConfigError(f"{name} must be {kind} number, got {value!r}")
+
+
+def _one_of(name: str, value, known) -> None:
+    if value not in known:
+        raise ConfigError(f"unknown {name} {value!r}; known: {', '.join(sorted(known))}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data set: a name from ``ddpm.data.DATASETS`` and its options."""
+
+    name: str = "digits"
+    root: str | None = None  # folder / npz / download cache location
+    image_size: int | None = None  # None: the data set's native size
+    split: str = "train"
+    num_points: int = 10000  # 2-D toy data only
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"data.name must be a non-empty string, got {self.name!r}")
+        _positive_int("data.image_size", self.image_size, allow_none=True)
+        _one_of("data.split", self.split, SPLITS)
+        _positive_int("data.num_points", self.num_points)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: a preset (``None``: "tiny" for images <= 16 px, "small" for larger, "mlp" for 2-D
+    points) plus optional overrides of its fields; ``None`` keeps the preset's value."""
+
+    preset: str | None = None
+    # U-Net overrides
+    base_channels: int | None = None
+    channel_mult: tuple[int, ...] | None = None
+    num_res_blocks: int | None = None
+    attention_resolutions: tuple[int, ...] | None = None
+    num_heads: int | None = None
+    dropout: float | None = None
+    # MLP overrides
+    hidden: int | None = None
+    num_layers: int | None = None
+    time_embed_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("base_channels", "num_res_blocks", "num_heads", "hidden", "time_embed_dim"):
+            _positive_int(f"model.{name}", getattr(self, name), allow_none=True)
+        _positive_int("model.num_layers", self.num_layers, allow_none=True, allow_zero=True)
+        if self.dropout is not None and not (
+            isinstance(self.dropout, float | int) and 0 <= self.dropout < 1
+        ):
+            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout!r}")
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that were set, other than the preset."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "preset" and value is not None:
+                out[f.name] = value
+        return out
+
+
+MLP_FIELDS = ("hidden", "num_layers", "time_embed_dim")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and what the network predicts (see ``ddpm.schedules``, ``ddpm.diffusion``)."""
+
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    prediction: str = "eps"
+    variance: str = "fixed_small"
+    zero_terminal_snr: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("schedule", self.schedule, BETA_SCHEDULES)
+        _positive_int("diffusion.num_timesteps", self.num_timesteps)
+        _one_of("prediction", self.prediction, PREDICTIONS)
+        _one_of("variance", self.variance, VARIANCES)
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.variance in ("learned", "learned_range")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, budget and bookkeeping. The budget is ``steps`` (the total number of optimizer
+    steps of the run, counting earlier invocations) and/or ``minutes`` (wall-clock minutes of this
+    invocation); training stops at whichever comes first."""
+
+    steps: int | None = None
+    minutes: float | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    # EMA decay, warmed up as min(ema_decay, (1 + step) / (10 + step)). 0.9999 (Ho et al.) averages over
+    # ~10k steps, longer than a CPU run; 0.999 averages over the last ~1k.
+    ema_decay: float = 0.999
+    vlb_weight: float = (
+        0.001  # lambda of L_hybrid = L_simple + lambda L_vlb (learned variances only)
+    )
+    bf16: bool = False  # bfloat16 autocast for the network on CPU
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 500  # 0: only at the end
+    sample_steps: int = 100  # length of the respaced chain used for the preview grids
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 3
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("steps", self.steps, allow_none=True)
+        _positive_float("minutes", self.minutes, allow_none=True)
+        _positive_int("batch_size", self.batch_size)
+        _positive_float("lr", self.lr)
+        _positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive_float("weight_decay", self.weight_decay, allow_zero=True)
+        _positive_float("grad_clip", self.grad_clip, allow_none=True)
+        if not (isinstance(self.ema_decay, int | float) and 0 <= self.ema_decay < 1):
+            raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        _positive_float("vlb_weight", self.vlb_weight, allow_zero=True)
+        _positive_int("seed", self.seed, allow_zero=True)
+        _positive_int("log_every", self.log_every)
+        _positive_int("sample_every", self.sample_every, allow_zero=True)
+        _positive_int("sample_steps", self.sample_steps)
+        _positive_int("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive_int("keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Defaults for ``ddpm sample``: how many, how many steps (None: the full chain of T steps)."""
+
+    num: int = 64
+    steps: int | None = None
+    sampler: str = "ancestral"
+    seed: int = 0
+    use_ema: bool = True
+    clip_x0: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("sample.num", self.num)
+        _positive_int("sample.steps", self.steps, allow_none=True)
+        _one_of("sampler", self.sampler, SAMPLERS)
+        _positive_int("sample.seed", self.seed, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, in five sections."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """A JSON-able nested dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> RunConfig:
+        """Build from a nested dict, rejecting unknown sections and keys."""
+        return merge_config(cls(), d, where)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+# --------------------------------------------------------------------------------------------------
+# dict -> dataclass, with type checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _convert(value, hint, key: str):
+    """value checked (and minimally coerced: int -> float, list -> tuple) against a field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key} must not be empty")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key)
+    if origin is tuple:
+        (item, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list of {_type_name(item)}, got {value!r}")
+        return tuple(_convert(v, item, key) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+
+
+def _replace_section(section, values: dict[str, Any], prefix: str, where: str):
+    cls = type(section)
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown key '{prefix}.{key}' in {where}; known: {', '.join(known)}")
+        changes[key] = _convert(value, hints[key], f"{prefix}.{key}")
+    return dataclasses.replace(section, **changes)
+
+
+def merge_config(
+    config: RunConfig, overrides: dict[str, Any], where: str = "overrides"
+) -> RunConfig:
+    """config with the nested overrides {section: {key: value}} applied (validated, typed).
+
+    Unknown sections or keys raise ``ConfigError`` naming them; ``where`` says where they came from."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where} must be a table of sections, got {type(overrides).__name__}")
+    sections = {}
+    for name, values in overrides.items():
+        if name not in SECTIONS:
+            raise ConfigError(
+                f"unknown key '{name}' in {where}; known sections: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"'{name}' in {where} must be a table ([{name}]), got {values!r}")
+        sections[name] = _replace_section(getattr(config, name), values, name, where)
+    return dataclasses.replace(config, **sections)
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """The nested dict of a TOML file (not yet checked against the config's keys)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError("reading TOML needs Python >= 3.11 or the 'tomli' package") from None
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+
+
+def load_config(path: str | os.PathLike, base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from a TOML (``.toml``) or JSON file, applied on top of ``base`` (default: defaults)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: invalid JSON: {err}") from None
+    else:
+        data = load_toml(path)
+    return merge_config(base or RunConfig(), data, str(path))
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the config as indented JSON, atomically."""
+    from ddpm.checkpoint import atomic_write_bytes
+
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=False) + "\n"
+    return atomic_write_bytes(path, text.encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# choices that depend on the data
+# --------------------------------------------------------------------------------------------------
+
+
+def default_preset(kind: str, sample_shape: tuple[int, ...]) -> str:
+    """ "mlp" for points, "tiny" for images of at most 16 px, "small" otherwise."""
+    if kind == "points":
+        return "mlp"
+    return "tiny" if max(sample_shape[1:]) <= 16 else "small"
+
+
+def resolve_config(config: RunConfig, *, kind: str, sample_shape: tuple[int, ...]) -> RunConfig:
+    """The config with its data-dependent choices made: the model preset, the image size, and the default
+    budget (``DEFAULT_STEPS``) when neither steps nor minutes is set."""
+    model, data, train = config.model, config.data, config.train
+    if model.preset is None:
+        model = dataclasses.replace(model, preset=default_preset(kind, tuple(sample_shape)))
+    if kind == "image" and data.image_size is None:
+        data = dataclasses.replace(data, image_size=int(sample_shape[-1]))
+    if train.steps is None and train.minutes is None:
+        train = dataclasses.replace(train, steps=DEFAULT_STEPS)
+    if model.preset == "mlp" and kind != "points":
+        raise ConfigError(f"model 'mlp' is for 2-D point data; data set '{data.name}' holds images")
+    if model.preset != "mlp" and kind == "points":
+        raise ConfigError(
+            f"data set '{data.name}' holds 2-D points; use model 'mlp', not '{model.preset}'"
+        )
+    return dataclasses.replace(config, model=model, data=data, train=train)

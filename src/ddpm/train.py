@@ -1,0 +1,922 @@
+"""Training (Ho et al. 2020, Algorithm 1) and the run-directory tasks built on it.
+
+Algorithm 1, one step per minibatch::
+
+    x_0 ~ q(x_0);  t ~ Uniform({1..T});  eps ~ N(0, I)
+    take a gradient step on  ||eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t)||^2
+
+with AdamW, a linear learning-rate warm-up, gradient-norm clipping and an exponential moving average
+(EMA) of the weights, which is what samples are drawn from. A run directory holds everything::
+
+    RUN/config.json                       the resolved RunConfig
+    RUN/log.csv                           step, loss, lr, grad_norm, images_per_s, elapsed_s
+    RUN/tb/                               TensorBoard scalars (if tensorboard is installed)
+    RUN/samples/step_XXXXXXX.png          preview grids (EMA weights, short respaced chain)
+    RUN/checkpoints/step_XXXXXXX/         model, ema, train_state .safetensors + meta.json (last K)
+    RUN/generated/                        ``ddpm sample`` output (PNG grid + .npz)
+
+Giving ``train`` the same run directory again resumes from the newest good checkpoint, bit-exactly:
+the optimizer, the EMA, the data order and every random generator are restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddpm import viz
+from ddpm.checkpoint import (
+    Checkpoint,
+    atomic_write_bytes,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_state_from_flat,
+    optimizer_state_to_flat,
+    save_checkpoint,
+)
+from ddpm.config import (
+    MLP_FIELDS,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    RunConfig,
+    load_config,
+    resolve_config,
+    save_config,
+)
+from ddpm.data import load_dataset
+from ddpm.diffusion import p_mean_variance, q_sample, target_for
+from ddpm.errors import ConfigError, DDPMError, RunDirError
+from ddpm.losses import nats_to_bpd, simple_loss, vlb_term
+from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet, count_parameters
+from ddpm.samplers import evenly_spaced_timesteps, sample
+from ddpm.schedules import NoiseSchedule
+
+Tensor = torch.Tensor
+
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.csv"
+LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
+# A registry of network classes by a short key, stored in checkpoints (never an import path).
+ARCHS: dict[str, type[torch.nn.Module]] = {"unet": UNet, "mlp": MLP}
+_PREVIEW_IMAGES = 64
+_PREVIEW_POINTS = 2000
+
+
+# --------------------------------------------------------------------------------------------------
+# the pieces of a training step
+# --------------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Learning rate of update number ``step`` (0-based): base_lr (step + 1) / warmup_steps during the
+    warm-up, then base_lr."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """EMA decay after update number ``step`` (0-based): min(max_decay, (1 + step) / (10 + step)).
+
+    The warm-up keeps the average from being dominated by the random initial weights early on."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay ema + (1 - decay) model, for every parameter; buffers are copied."""
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    if ema_params:
+        # lerp(a, b, w) = a + w (b - a) = (1 - w) a + w b, with w = 1 - decay
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def training_loss(
+    schedule: NoiseSchedule,
+    model_output: Tensor,
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    vlb_weight: float = 0.001,
+    decoder: str = "discretized",
+) -> Tensor:
+    """Per-example loss [B]. Fixed variances: L_simple (eq. 14) on the prediction's target.
+
+    Learned variances (2C output channels): L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal
+    eq. 16), where L_vlb = T L_t at the drawn t (an unbiased estimate of sum_t L_t), in bits/dim, with a
+    stop-gradient on the mean so that L_vlb trains only the variance."""
+    out = model_output.float()
+    target = target_for(schedule, x0, t, eps, prediction)
+    if variance not in ("learned", "learned_range"):
+        return simple_loss(target, out)
+    mean_out, var_out = out.chunk(2, dim=1)
+    loss = simple_loss(target, mean_out)
+    frozen = torch.cat([mean_out.detach(), var_out], dim=1)
+    pmv = p_mean_variance(schedule, x_t, t, frozen, prediction=prediction, variance=variance)
+    vb_nats = vlb_term(
+        schedule, x0, x_t, t, pmv.model_mean, pmv.model_log_variance, decoder=decoder
+    )
+    num_dims = x0[0].numel()
+    return loss + vlb_weight * schedule.num_timesteps * nats_to_bpd(vb_nats, num_dims)
+
+
+class DataOrder:
+    """Minibatch indices: a fresh random permutation per epoch (each example once per epoch), from a
+    generator of its own. Its state (generator, permutation, position) goes into checkpoints so that a
+    resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, num_examples: int, seed: int) -> None:
+        if num_examples < 1:
+            raise DDPMError("the data set is empty")
+        self.num_examples = num_examples
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(num_examples, generator=self.generator)
+        self.pos = 0
+
+    def next(self, batch_size: int) -> Tensor:
+        parts, need = [], batch_size
+        while need > 0:
+            if self.pos >= self.num_examples:
+                self.perm = torch.randperm(self.num_examples, generator=self.generator)
+                self.pos = 0
+            take = self.perm[self.pos : self.pos + need]
+            self.pos += take.numel()
+            need -= take.numel()
+            parts.append(take)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {"data.perm": self.perm, "data.generator": self.generator.get_state()}, {
+            "pos": self.pos
+        }
+
+    def restore(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        if tensors["data.perm"].numel() != self.num_examples:
+            raise ConfigError(
+                f"the data set now has {self.num_examples} examples, the run was trained on "
+                f"{tensors['data.perm'].numel()}"
+            )
+        self.perm = tensors["data.perm"].clone()
+        self.generator.set_state(tensors["data.generator"].clone())
+        self.pos = int(info["pos"])
+
+
+# --------------------------------------------------------------------------------------------------
+# building the objects of a run
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(
+    model_cfg: ModelConfig, *, kind: str, sample_shape: tuple[int, ...], learn_sigma: bool
+) -> torch.nn.Module:
+    """The network of a resolved ModelConfig for data of the given kind and shape (no batch dim)."""
+    overrides = model_cfg.overrides()
+    preset = model_cfg.preset
+    if preset == "mlp":
+        if bad := sorted(set(overrides) - set(MLP_FIELDS)):
+            raise ConfigError(f"model option '{bad[0]}' does not apply to the mlp")
+        return MLP(dim=int(sample_shape[0]), learn_sigma=learn_sigma, **overrides)
+    if preset not in UNET_PRESETS:
+        raise ConfigError(
+            f"unknown model {preset!r}; known: {', '.join([*sorted(UNET_PRESETS), 'mlp'])}"
+        )
+    if bad := sorted(set(overrides) & set(MLP_FIELDS)):
+        raise ConfigError(f"model option '{bad[0]}' applies only to the mlp")
+    channels, height, width = sample_shape
+    if height != width:
+        raise ConfigError(f"the U-Net needs square images, got {height}x{width}; set an image size")
+    return build_unet(
+        preset, in_channels=channels, image_size=height, learn_sigma=learn_sigma, **overrides
+    )
+
+
+def build_schedule(diffusion: DiffusionConfig) -> NoiseSchedule:
+    try:
+        return NoiseSchedule.from_name(
+            diffusion.schedule,
+            diffusion.num_timesteps,
+            zero_terminal_snr=diffusion.zero_terminal_snr,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _arch_of(model: torch.nn.Module) -> str:
+    for key, cls in ARCHS.items():
+        if isinstance(model, cls):
+            return key
+    raise TypeError(f"no registered architecture for {type(model).__name__}")
+
+
+def model_from_meta(meta: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the network described by a checkpoint's meta.json (weights not loaded)."""
+    try:
+        arch, net_config = meta["model"]["arch"], meta["model"]["config"]
+    except (KeyError, TypeError):
+        raise RunDirError(
+            "the checkpoint does not describe its network (no model.arch/config)"
+        ) from None
+    if arch not in ARCHS:
+        raise RunDirError(f"unknown network {arch!r} in the checkpoint; known: {', '.join(ARCHS)}")
+    return ARCHS[arch](**net_config)
+
+
+def _load_weights(module: torch.nn.Module, tensors: dict[str, Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise RunDirError(f"{what} weights do not fit the network: {first}") from None
+
+
+def _native_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively. Without it oneDNN is bypassed and bf16 convolutions
+    fall back to a reference kernel, 10-20x slower than float32 (measured on an AVX2-only EPYC)."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: True)() for name in checks)
+
+
+def _say(msg: str, verbose: bool) -> None:
+    if verbose:
+        tqdm.write(msg, file=sys.stderr)
+
+
+class _StopOnInterrupt:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# run directories
+# --------------------------------------------------------------------------------------------------
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The config.json of a run directory; RunDirError if the directory is not a run."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} is not a ddpm run directory (no {CONFIG_FILE})")
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise RunDirError(f"{path}: {err}") from None
+
+
+def _check_same_run(saved: RunConfig, new: RunConfig, run_dir: Path) -> None:
+    for section in ("data", "model", "diffusion"):
+        a, b = getattr(saved, section), getattr(new, section)
+        for f in dataclasses.fields(a):
+            old_value, new_value = getattr(a, f.name), getattr(b, f.name)
+            if old_value != new_value:
+                raise ConfigError(
+                    f"{run_dir} was trained with {section}.{f.name}={old_value!r}, not {new_value!r}; "
+                    "use a new --run-dir"
+                )
+
+
+def _prepare_log(path: Path, step: int) -> None:
+    """Create log.csv with a header, or drop rows past ``step`` (written after the last checkpoint)."""
+    if not path.exists():
+        atomic_write_bytes(path, (",".join(LOG_COLUMNS) + "\n").encode())
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0]] if rows else [list(LOG_COLUMNS)]
+    kept += [r for r in rows[1:] if r and int(float(r[0])) <= step]
+    if len(kept) != len(rows):
+        text = "".join(",".join(r) + "\n" for r in kept)
+        atomic_write_bytes(path, text.encode())
+
+
+class _TensorBoard:
+    def __init__(self, log_dir: Path, enabled: bool) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            warnings.warn(f"TensorBoard logging skipped ({err})", RuntimeWarning, stacklevel=3)
+            return
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainResult(NamedTuple):
+    """What a call to ``train`` did: steps start_step -> step, in elapsed_s seconds of this call."""
+
+    run_dir: Path
+    step: int
+    start_step: int
+    loss: float  # mean loss over the last logged window (NaN if no step was taken)
+    elapsed_s: float
+    steps_per_s: float
+    checkpoint: Path | None
+    samples: Path | None
+    stopped_by: str  # "steps", "minutes" or "interrupt"
+
+
+@torch.no_grad()
+def _preview(
+    model, schedule, shape, config: RunConfig, path: Path, reference: Tensor | None
+) -> Path:
+    kind = "points" if len(shape) == 1 else "image"
+    num = _PREVIEW_POINTS if kind == "points" else _PREVIEW_IMAGES
+    # The same noise every time, and a generator of its own: previews do not disturb training's RNG.
+    generator = torch.Generator().manual_seed(config.train.seed)
+    out = sample(
+        model,
+        schedule,
+        (num, *shape),
+        num_steps=min(config.train.sample_steps, schedule.num_timesteps),
+        generator=generator,
+        prediction=config.diffusion.prediction,
+        variance=config.diffusion.variance,
+        clip_x0=kind == "image",
+        progress=False,
+    )
+    if kind == "points":
+        return viz.save_scatter(out.x0, path, reference=reference, title=path.stem)
+    return viz.save_image_grid(out.x0, path)
+
+
+def train(
+    config: RunConfig, run_dir: str | Path, *, progress: bool = True, verbose: bool = True
+) -> TrainResult:
+    """Train (or resume training) the run in ``run_dir`` until the budget of ``config.train`` is spent.
+
+    ``train.steps`` is the total number of updates of the run (earlier invocations included);
+    ``train.minutes`` is wall-clock minutes for this call; whichever comes first stops training. A
+    checkpoint and a preview grid are written at the end. On the first Ctrl-C the current step finishes,
+    a checkpoint is written, and KeyboardInterrupt is raised."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / CONFIG_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg_path.is_file():
+        raise RunDirError(
+            f"{run_dir} exists, is not empty and is not a ddpm run directory (no {CONFIG_FILE})"
+        )
+
+    dc = config.data
+    dataset = load_dataset(
+        dc.name,
+        split=dc.split,
+        root=dc.root,
+        image_size=dc.image_size,
+        num_points=dc.num_points,
+        seed=config.train.seed,
+    )
+    sample_shape = tuple(int(s) for s in dataset.sample_shape)
+    config = resolve_config(config, kind=dataset.kind, sample_shape=sample_shape)
+    if cfg_path.is_file():
+        _check_same_run(load_run_config(run_dir), config, run_dir)
+    tc, dfc = config.train, config.diffusion
+
+    if tc.bf16 and not _native_bf16():
+        warnings.warn(
+            "this CPU has no native bfloat16 (AVX512-BF16/AMX); bf16 autocast will be much slower than "
+            "float32 here",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    torch.manual_seed(tc.seed)  # network initialisation and dropout use the global generator
+    model = build_model(
+        config.model, kind=dataset.kind, sample_shape=sample_shape, learn_sigma=dfc.learn_sigma
+    )
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    schedule = build_schedule(dfc)
+    order = DataOrder(len(dataset), tc.seed)
+    noise_gen = torch.Generator().manual_seed(tc.seed + 1)  # t and eps of Algorithm 1
+    data_x = torch.as_tensor(dataset.x, dtype=torch.float32)
+    decoder = "gaussian" if dataset.kind == "points" else "discretized"
+    num_params = count_parameters(model)
+
+    step, elapsed_before, last_saved = 0, 0.0, None
+    resumed = latest_checkpoint(run_dir) if cfg_path.is_file() else None
+    if resumed is not None:
+        step, elapsed_before = _restore(resumed, model, ema, optimizer, order, noise_gen)
+        last_saved = resumed.path
+        _say(f"resuming {run_dir} from step {step} ({resumed.path.name})", verbose)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, cfg_path)
+    _prepare_log(run_dir / LOG_FILE, step)
+    _say(
+        f"data: {dc.name} ({len(dataset)} x {'x'.join(map(str, sample_shape))}); model: {config.model.preset} "
+        f"({num_params / 1e6:.2f}M parameters); {dfc.schedule} schedule, T={dfc.num_timesteps}",
+        verbose,
+    )
+
+    def save(at_step: int, loss: float) -> Path:
+        tensors, meta = _training_state(model, ema, optimizer, order, noise_gen)
+        meta.update(
+            step=at_step,
+            elapsed_s=elapsed_before + (time.monotonic() - t_start),
+            loss=loss,
+            model={"arch": _arch_of(model), "config": model.config, "num_parameters": num_params},
+            data={"name": dc.name, "kind": dataset.kind, "sample_shape": list(sample_shape)},
+            config=config.to_dict(),
+        )
+        return save_checkpoint(run_dir, at_step, tensors, meta, keep=tc.keep_checkpoints)
+
+    def preview(at_step: int) -> Path:
+        reference = data_x[:_PREVIEW_POINTS] if dataset.kind == "points" else None
+        path = run_dir / "samples" / f"step_{at_step:07d}.png"
+        return _preview(ema, schedule, sample_shape, config, path, reference)
+
+    start_step = step
+    t_start = time.monotonic()
+    deadline = t_start + 60 * tc.minutes if tc.minutes is not None else None
+    target = tc.steps
+    bar = _progress_bar(progress, start_step, target, tc.minutes)
+    log = _Log(run_dir, tc.batch_size, tc.tensorboard)
+    samples_path, stopped_by, lr = None, "steps", tc.lr
+    model.train()
+    try:
+        with _StopOnInterrupt() as stop:
+            while True:
+                now = time.monotonic()
+                if target is not None and step >= target:
+                    stopped_by = "steps"
+                    break
+                if deadline is not None and now >= deadline:
+                    stopped_by = "minutes"
+                    break
+                if stop.requested:
+                    stopped_by = "interrupt"
+                    break
+                lr = lr_at(step, tc.lr, tc.warmup_steps)
+                x0 = data_x[order.next(tc.batch_size)]
+                loss, grad_norm = _train_step(
+                    model, optimizer, schedule, x0, noise_gen, lr, config, decoder
+                )
+                if not math.isfinite(loss):
+                    raise DDPMError(f"the loss became {loss} at step {step + 1}; try a lower --lr")
+                ema_update(ema, model, ema_decay_at(step, tc.ema_decay))
+                step += 1
+
+                log.add(loss, grad_norm, time.monotonic() - now)
+                if step % tc.log_every == 0:
+                    log.write(step, lr, elapsed_before + time.monotonic() - t_start)
+                if tc.sample_every and step % tc.sample_every == 0:
+                    samples_path = preview(step)
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                    last_saved = save(step, log.last_loss)
+                if bar is not None:
+                    by_time = target is None
+                    _update_bar(bar, step, loss, time.monotonic() - t_start, by_time)
+        log.write(step, lr, elapsed_before + time.monotonic() - t_start)  # the last partial window
+        if last_saved is None or step != _step_of(last_saved):
+            last_saved = save(step, log.last_loss)
+        fresh = samples_path is not None and samples_path.stem == f"step_{step:07d}"
+        if step > 0 and not fresh and stopped_by != "interrupt":  # Ctrl-C: stop quickly
+            samples_path = preview(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+    last_loss = log.last_loss
+    elapsed = time.monotonic() - t_start
+    done = step - start_step
+    result = TrainResult(
+        run_dir,
+        step,
+        start_step,
+        last_loss,
+        elapsed,
+        done / elapsed if elapsed > 0 else 0.0,
+        last_saved,
+        samples_path,
+        stopped_by,
+    )
+    if done == 0 and stopped_by == "steps":
+        _say(
+            f"{run_dir} is already at step {step}; give a larger --steps (total) or --minutes to go on",
+            verbose,
+        )
+    else:
+        _say(
+            f"step {step} ({done} steps in {elapsed:.0f} s, {result.steps_per_s:.2f} steps/s), loss {last_loss:.4f}; "
+            f"checkpoint {last_saved}; samples {samples_path}",
+            verbose,
+        )
+    if stopped_by == "interrupt":
+        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {last_saved}")
+    return result
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_")[-1])
+
+
+def _train_step(
+    model,
+    optimizer,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    noise_gen,
+    lr: float,
+    config: RunConfig,
+    decoder: str,
+) -> tuple[float, float]:
+    """One update of Algorithm 1 on the minibatch x0; returns (loss, gradient norm before clipping)."""
+    tc, dfc = config.train, config.diffusion
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=noise_gen)  # t ~ Uniform
+    eps = torch.randn(x0.shape, generator=noise_gen)  # eps ~ N(0, I)
+    x_t = q_sample(schedule, x0, t, eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+        out = model(x_t, schedule.timesteps[t])
+    loss = training_loss(
+        schedule,
+        out,
+        x0,
+        x_t,
+        t,
+        eps,
+        prediction=dfc.prediction,
+        variance=dfc.variance,
+        vlb_weight=tc.vlb_weight,
+        decoder=decoder,
+    ).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    loss_value = float(loss.detach())
+    if math.isfinite(loss_value):  # a NaN step is not taken: the caller stops with an error
+        optimizer.step()
+    return loss_value, grad_norm
+
+
+class _Log:
+    """RUN/log.csv and TensorBoard: one row per log window, with the window's mean loss and grad norm."""
+
+    def __init__(self, run_dir: Path, batch_size: int, tensorboard: bool) -> None:
+        self.batch_size = batch_size
+        self.file = open(run_dir / LOG_FILE, "a", newline="")  # closed in close()
+        self.csv = csv.writer(self.file)
+        self.tb = _TensorBoard(run_dir / "tb", tensorboard)
+        self.last_loss = math.nan
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.grad_norm_sum, self.n, self.train_s = 0.0, 0.0, 0, 0.0
+
+    def add(self, loss: float, grad_norm: float, seconds: float) -> None:
+        self.loss_sum += loss
+        self.grad_norm_sum += grad_norm
+        self.n += 1
+        self.train_s += seconds
+
+    def write(self, step: int, lr: float, elapsed_s: float) -> None:
+        if self.n == 0:
+            return
+        loss, grad_norm = self.loss_sum / self.n, self.grad_norm_sum / self.n
+        images_per_s = self.n * self.batch_size / self.train_s if self.train_s > 0 else 0.0
+        row = [
+            step,
+            f"{loss:.6g}",
+            f"{lr:.6g}",
+            f"{grad_norm:.6g}",
+            f"{images_per_s:.1f}",
+            f"{elapsed_s:.1f}",
+        ]
+        self.csv.writerow(row)
+        self.file.flush()
+        self.tb.scalars(
+            step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "images_per_s": images_per_s}
+        )
+        self.last_loss = loss
+        self._reset()
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def _progress_bar(enabled: bool, start_step: int, target: int | None, minutes: float | None):
+    if not enabled:
+        return None
+    if target is not None:
+        return tqdm(
+            total=target, initial=start_step, desc="training", unit="step", dynamic_ncols=True
+        )
+    # A minutes budget: the bar measures seconds, so its ETA is the deadline.
+    return tqdm(
+        total=round(60 * minutes),
+        desc="training",
+        unit="s",
+        dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total}s [{elapsed}<{remaining}{postfix}]",
+    )
+
+
+def _update_bar(bar, step: int, loss: float, elapsed: float, by_time: bool) -> None:
+    if by_time:
+        bar.n = min(bar.total, elapsed)
+        rate = (step - bar.initial) / elapsed if elapsed > 0 else 0.0
+        bar.set_postfix(step=step, loss=f"{loss:.4f}", it_s=f"{rate:.2f}", refresh=False)
+        bar.refresh()
+    else:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+
+def _training_state(model, ema, optimizer, order: DataOrder, noise_gen) -> tuple[dict, dict]:
+    optim_tensors, optim_structure = optimizer_state_to_flat(optimizer.state_dict())
+    order_tensors, order_info = order.state()
+    train_state = {f"optim.{k}": v for k, v in optim_tensors.items()}
+    train_state.update(order_tensors)
+    train_state["rng.torch"] = torch.get_rng_state()
+    train_state["rng.noise"] = noise_gen.get_state()
+    tensors = {"model": model.state_dict(), "ema": ema.state_dict(), "train_state": train_state}
+    meta = {"optimizer": optim_structure, "data_order": order_info}
+    return tensors, meta
+
+
+def _restore(
+    ckpt: Checkpoint, model, ema, optimizer, order: DataOrder, noise_gen
+) -> tuple[int, float]:
+    _load_weights(model, ckpt.tensors["model"], "model")
+    _load_weights(ema, ckpt.tensors["ema"], "EMA")
+    state = ckpt.tensors["train_state"]
+    optim = {k.removeprefix("optim."): v for k, v in state.items() if k.startswith("optim.")}
+    try:
+        optimizer.load_state_dict(optimizer_state_from_flat(optim, ckpt.meta["optimizer"]))
+        order.restore(state, ckpt.meta["data_order"])
+        torch.set_rng_state(state["rng.torch"])
+        noise_gen.set_state(state["rng.noise"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise RunDirError(f"{ckpt.path}: cannot restore the training state ({err})") from None
+    return ckpt.step, float(ckpt.meta.get("elapsed_s", 0.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling from a run, describing a run, the forward-process picture
+# --------------------------------------------------------------------------------------------------
+
+
+class SampleResult(NamedTuple):
+    """Paths written by ``sample_run`` and the samples themselves ([N, C, H, W] or [N, D], float)."""
+
+    png: Path
+    npz: Path
+    trajectory_png: Path | None
+    step: int
+    x0: Tensor
+
+
+def load_run_model(
+    run_dir: str | Path, *, use_ema: bool = True
+) -> tuple[torch.nn.Module, RunConfig, Checkpoint]:
+    """The network of the newest good checkpoint of a run (EMA weights by default), in eval mode."""
+    config = load_run_config(run_dir)
+    if not list_checkpoints(run_dir):
+        raise RunDirError(f"{run_dir} has no checkpoint yet; train it first")
+    group = "ema" if use_ema else "model"
+    ckpt = latest_checkpoint(run_dir, groups=(group,))
+    model = model_from_meta(ckpt.meta)
+    _load_weights(model, ckpt.tensors[group], group)
+    return model.eval().requires_grad_(False), config, ckpt
+
+
+def sample_run(
+    run_dir: str | Path,
+    *,
+    num: int | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    use_ema: bool | None = None,
+    out_dir: str | Path | None = None,
+    trajectory: bool = False,
+    progress: bool = True,
+) -> SampleResult:
+    """Draw samples from a trained run and write ``<out_dir>/step_XXXXXXX_seedS.png`` (grid or scatter)
+    and ``.npz`` (``x0`` float32 as sampled; for images also ``images``, uint8 [N, H, W, C]), plus, with
+    ``trajectory``, a picture of the reverse process. Unset options come from the run's [sample] config;
+    ``out_dir`` defaults to RUN/generated."""
+    given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema}
+    run_config = load_run_config(run_dir)
+    sc = dataclasses.replace(run_config.sample, **{k: v for k, v in given.items() if v is not None})
+    model, config, ckpt = load_run_model(run_dir, use_ema=sc.use_ema)
+    schedule = build_schedule(config.diffusion)
+    T = schedule.num_timesteps
+    num_steps = T if sc.steps is None else sc.steps
+    if num_steps > T:
+        raise ConfigError(f"steps must be at most T={T}, got {num_steps}")
+    shape = tuple(ckpt.meta["data"]["sample_shape"])
+    is_image = ckpt.meta["data"]["kind"] == "image"
+    kept = evenly_spaced_timesteps(T, num_steps)
+    record = sorted(
+        set(np.linspace(0, num_steps - 1, min(num_steps, 9)).round().astype(int).tolist())
+    )
+    out = sample(
+        model,
+        schedule,
+        (sc.num, *shape),
+        sampler=sc.sampler,
+        num_steps=num_steps,
+        generator=torch.Generator().manual_seed(sc.seed),
+        prediction=config.diffusion.prediction,
+        variance=config.diffusion.variance,
+        clip_x0=sc.clip_x0 and is_image,
+        record=record if trajectory else (),
+        progress=progress,
+    )
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
+    stem = f"step_{ckpt.step:07d}_seed{sc.seed}" + ("" if sc.use_ema else "_raw")
+    x0 = out.x0.float().cpu()
+    arrays = {"x0": x0.numpy()}
+    if is_image:
+        arrays["images"] = viz.to_uint8(x0)
+        png = viz.save_image_grid(x0, out_dir / f"{stem}.png")
+    else:
+        png = viz.save_scatter(x0, out_dir / f"{stem}.png", title=f"step {ckpt.step}")
+    npz = _save_npz(out_dir / f"{stem}.npz", arrays)
+    traj_png = None
+    if trajectory:
+        labels = {i: f"t={int(kept[i]) + 1}" for i in record}
+        traj_png = viz.save_trajectory(
+            out.trajectory, out_dir / f"{stem}_trajectory.png", labels=labels
+        )
+    return SampleResult(png, npz, traj_png, ckpt.step, x0)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def describe_run(run_dir: str | Path) -> str:
+    """A few lines about a run: its config, network, progress, last loss and checkpoints."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    d, m, df, tc = config.data, config.model, config.diffusion, config.train
+    lines = [
+        f"run:        {run_dir}",
+        f"data:       {d.name} (split {d.split}"
+        + (f", {d.image_size}px" if d.image_size else "")
+        + ")",
+    ]
+    checkpoints = list_checkpoints(run_dir)
+    meta = None
+    for _, path in reversed(checkpoints):
+        try:
+            meta = load_checkpoint(path, groups=()).meta  # metadata only: no tensors are read
+            break
+        except DDPMError:
+            continue
+    model_line = f"model:      {m.preset}"
+    if meta is not None:
+        model_line += f" ({meta['model']['arch']}, {meta['model']['num_parameters']:,} parameters)"
+    if m.overrides():
+        model_line += f", overrides {json.dumps(m.overrides())}"
+    lines.append(model_line)
+    lines.append(
+        f"diffusion:  {df.schedule} schedule, T={df.num_timesteps}, predicts {df.prediction}, variance {df.variance}"
+    )
+    lines.append(
+        f"training:   batch {tc.batch_size}, lr {tc.lr:g}, EMA {tc.ema_decay:g}, seed {tc.seed}"
+        + (", bf16" if tc.bf16 else "")
+    )
+    if meta is not None:
+        lines.append(
+            f"step:       {meta['step']} ({meta.get('elapsed_s', 0.0) / 60:.1f} min of training)"
+        )
+    else:
+        lines.append("step:       0 (no checkpoint yet)")
+    log = run_dir / LOG_FILE
+    if log.is_file():
+        cols = viz.read_log(log)
+        if cols.get("loss") is not None and len(cols["loss"]):
+            lines.append(
+                f"last loss:  {cols['loss'][-1]:.4f} at step {int(cols['step'][-1])} "
+                f"({cols['images_per_s'][-1]:.0f} images/s)"
+            )
+    names = ", ".join(p.name for _, p in checkpoints) or "none"
+    lines.append(f"checkpoints: {names}")
+    previews = sorted((run_dir / "samples").glob("step_*.png"))
+    if previews:
+        lines.append(f"samples:    {previews[-1]}")
+    return "\n".join(lines)
+
+
+def forward_process_picture(
+    data: DataConfig,
+    diffusion: DiffusionConfig,
+    out: str | Path,
+    *,
+    num: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Picture of q(x_t | x_0) on real data: ``num`` examples (images) or 2000 points, from x_0 to x_T."""
+    dataset = load_dataset(
+        data.name,
+        split=data.split,
+        root=data.root,
+        image_size=data.image_size,
+        num_points=data.num_points,
+        seed=seed,
+    )
+    schedule = build_schedule(diffusion)
+    generator = torch.Generator().manual_seed(seed)
+    n = min(len(dataset), _PREVIEW_POINTS if dataset.kind == "points" else num)
+    idx = torch.randperm(len(dataset), generator=generator)[:n]
+    x0 = torch.as_tensor(dataset.x, dtype=torch.float32)[idx]
+    return viz.save_forward_process(schedule, x0, out, generator=generator)
+
+
+def prepare_run(
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    run_dir: str | Path | None = None,
+) -> tuple[RunConfig, Path]:
+    """The config and run directory of a ``ddpm train`` invocation.
+
+    Later sources win: defaults < the run's saved config.json (when resuming) < the TOML file <
+    ``overrides`` ({section: {key: value}}). The budget (steps, minutes) is never inherited from the
+    saved run: it belongs to each invocation. The run directory defaults to ``runs/<data name>``."""
+    from ddpm.config import load_toml, merge_config
+
+    overrides = overrides or {}
+    toml = load_toml(config_file) if config_file is not None else {}
+    if run_dir is None:
+        name = overrides.get("data", {}).get("name")
+        if name is None and isinstance(toml.get("data"), dict):
+            name = toml["data"].get("name")
+        run_dir = Path("runs") / str(name or DataConfig().name)
+    run_dir = Path(run_dir)
+    base = RunConfig()
+    if (run_dir / CONFIG_FILE).is_file():
+        saved = load_run_config(run_dir)
+        base = dataclasses.replace(
+            saved, train=dataclasses.replace(saved.train, steps=None, minutes=None)
+        )
+    config = merge_config(base, toml, str(config_file)) if toml else base
+    return merge_config(config, overrides, "the command line"), run_dir

@@ -1,0 +1,71 @@
+"""Shared fixtures for the training, checkpoint, CLI and viz tests: a small, fast, seeded run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ddpm.config import DiffusionConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+
+# A shrunken tiny U-Net and a short chain: each training step takes milliseconds on 2 cores.
+FAST_MODEL = {"preset": "tiny", "base_channels": 16}
+FAST_TRAIN = {
+    "batch_size": 32,
+    "warmup_steps": 5,
+    "log_every": 5,
+    "sample_every": 0,
+    "sample_steps": 4,
+    "checkpoint_every": 0,
+    "tensorboard": False,
+}
+FAST_TOML = """\
+[model]
+preset = "tiny"
+base_channels = 16
+
+[diffusion]
+num_timesteps = 100
+
+[train]
+batch_size = 32
+log_every = 5
+sample_steps = 4
+tensorboard = false
+
+[sample]
+num = 8
+steps = 4
+"""
+
+
+def fast_config(**train) -> RunConfig:
+    """Digits with the shrunken network, T = 100, no TensorBoard, previews only at the end."""
+    return RunConfig(
+        model=ModelConfig(**FAST_MODEL),
+        diffusion=DiffusionConfig(num_timesteps=100),
+        train=TrainConfig(**{**FAST_TRAIN, **train}),
+        sample=SampleConfig(num=8, steps=4),
+    )
+
+
+@pytest.fixture
+def make_config():
+    return fast_config
+
+
+@pytest.fixture
+def fast_toml(tmp_path) -> Path:
+    path = tmp_path / "fast.toml"
+    path.write_text(FAST_TOML)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A run directory trained for 30 steps (shared, read-only: copy it before changing it)."""
+    from ddpm.train import train
+
+    run = tmp_path_factory.mktemp("trained") / "digits"
+    train(fast_config(steps=30), run, progress=False, verbose=False)
+    return run

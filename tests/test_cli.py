@@ -1,0 +1,174 @@
+"""The command line: each subcommand works, and every bad input is one line on stderr, no traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddpm.cli import main
+
+BIN = Path(sys.executable).parent
+
+
+def _run_cli(args, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _assert_one_line_error(code: int, err: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ddpm: error: "), err
+    assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# working commands (in-process)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_train_then_info_then_sample(tmp_path, fast_toml, capsys):
+    run = tmp_path / "run"
+    assert (
+        main(["train", "--config", str(fast_toml), "--steps", "5", "--run-dir", str(run), "-q"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "step 5" in out and (run / "samples" / "step_0000005.png").is_file()
+
+    assert main(["info", str(run)]) == 0
+    assert "step:       5" in capsys.readouterr().out
+
+    assert main(["sample", str(run), "--num", "4", "--out", str(tmp_path / "gen"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "samples:" in out
+    with np.load(tmp_path / "gen" / "step_0000005_seed0.npz") as f:
+        assert f["images"].shape == (4, 8, 8, 1)
+
+
+def test_train_with_the_same_run_dir_resumes(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["train", "--steps", "35", "--run-dir", str(run), "-q"]) == 0
+    assert "(step 35)" in capsys.readouterr().out
+
+
+def test_sample_twice_with_one_seed_gives_identical_arrays(trained_run, tmp_path):
+    for name in ("a", "b"):
+        args = ["sample", str(trained_run), "--num", "4", "--steps", "3", "--seed", "7"]
+        assert main([*args, "--out", str(tmp_path / name), "-q"]) == 0
+    with (
+        np.load(tmp_path / "a" / "step_0000030_seed7.npz") as a,
+        np.load(tmp_path / "b" / "step_0000030_seed7.npz") as b,
+    ):
+        assert np.array_equal(a["x0"], b["x0"]) and np.array_equal(a["images"], b["images"])
+
+
+def test_sample_raw_weights_and_trajectory(trained_run, tmp_path, capsys):
+    args = ["sample", str(trained_run), "--num", "2", "--steps", "3", "--raw", "--trajectory"]
+    assert main([*args, "--out", str(tmp_path), "-q"]) == 0
+    assert (tmp_path / "step_0000030_seed0_raw_trajectory.png").is_file()
+
+
+def test_forward_writes_a_picture(tmp_path, capsys):
+    out = tmp_path / "forward.png"
+    assert main(["forward", "--data", "digits", "--num", "3", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# bad inputs: one line, non-zero exit
+# --------------------------------------------------------------------------------------------------
+
+
+BAD_TRAIN = {
+    "unknown data set": ["--data", "no-such-data"],
+    "missing folder": ["--data", "folder", "--data-root", "/no/such/folder"],
+    "bad image size": ["--image-size", "7"],
+    "unknown schedule": ["--schedule", "wobbly"],
+    "zero steps": ["--steps", "0"],
+    "negative minutes": ["--minutes", "-1"],
+    "not a number": ["--lr", "fast"],
+    "unknown model": ["--model", "gigantic"],
+}
+
+
+def _exit_code(argv) -> int:
+    """main's return value, or the code of the SystemExit that argparse raises for a usage error."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("args", BAD_TRAIN.values(), ids=BAD_TRAIN.keys())
+def test_bad_training_input_is_one_line(args, tmp_path, capsys):
+    code = _exit_code(["train", "--steps", "1", *args, "--run-dir", str(tmp_path / "run"), "-q"])
+    _assert_one_line_error(code, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_toml_key_is_one_line_naming_it(tmp_path, capsys):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[train]\nstpes = 10\n")
+    code = main(["train", "--config", str(toml), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "train.stpes" in err
+
+
+@pytest.mark.parametrize("command", ["sample", "info"])
+def test_a_directory_that_is_not_a_run_is_one_line(command, tmp_path, capsys):
+    code = main([command, str(tmp_path)])
+    _assert_one_line_error(code, capsys.readouterr().err)
+    assert code == 4
+
+
+def test_resuming_with_other_data_is_one_line(trained_run, capsys):
+    code = main(["train", "--data", "moons", "--steps", "40", "--run-dir", str(trained_run)])
+    _assert_one_line_error(code, capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------------------------------
+# the real entry points (subprocess)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_python_dash_m_ddpm_trains(tmp_path, fast_toml):
+    run = tmp_path / "run"
+    proc = _run_cli(
+        [
+            sys.executable,
+            "-m",
+            "ddpm",
+            "train",
+            "--config",
+            str(fast_toml),
+            "--steps",
+            "5",
+            "--run-dir",
+            str(run),
+            "-q",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "checkpoints" / "step_0000005" / "meta.json").is_file()
+
+
+def test_console_script_info_and_error(trained_run, tmp_path):
+    proc = _run_cli([str(BIN / "ddpm"), "info", str(trained_run)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoints:" in proc.stdout
+    proc = _run_cli(
+        [str(BIN / "ddpm"), "train", "--data", "no-such-data", "--run-dir", "x"], cwd=tmp_path
+    )
+    _assert_one_line_error(proc.returncode, proc.stderr)
+    assert proc.returncode == 2

@@ -1,0 +1,212 @@
+"""Training: Algorithm 1's loop, its schedules (LR warm-up, EMA), budgets, and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.checkpoint import latest_checkpoint, list_checkpoints
+from ddpm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ddpm.errors import ConfigError, RunDirError
+from ddpm.schedules import NoiseSchedule
+from ddpm.train import (
+    DataOrder,
+    describe_run,
+    ema_decay_at,
+    ema_update,
+    lr_at,
+    sample_run,
+    train,
+    training_loss,
+)
+
+
+def _log_rows(run):
+    with open(run / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------------------------------
+# the pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lr_warms_up_linearly_then_stays_constant():
+    assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_at(0, 3e-4, 0) == 3e-4
+
+
+def test_ema_decay_warms_up_to_its_maximum():
+    assert ema_decay_at(0, 0.999) == pytest.approx(1 / 10)
+    assert ema_decay_at(10, 0.999) == pytest.approx(11 / 20)
+    assert ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_ema_update_is_a_convex_combination_and_copies_buffers():
+    model = torch.nn.BatchNorm1d(3)
+    ema = torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        ema.weight.copy_(torch.tensor([3.0, 2.0, 1.0]))
+        model.running_mean.copy_(torch.tensor([7.0, 8.0, 9.0]))
+    ema_update(ema, model, decay=0.75)
+    # 0.75 ema + 0.25 model
+    assert torch.allclose(ema.weight, torch.tensor([2.5, 2.0, 1.5]))
+    assert torch.equal(ema.running_mean, model.running_mean)
+
+
+def test_data_order_visits_every_example_once_per_epoch():
+    order = DataOrder(10, seed=0)
+    seen = torch.cat([order.next(4) for _ in range(5)])  # two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert sorted(seen[10:20].tolist()) == list(range(10))
+
+
+def test_hybrid_loss_trains_the_mean_only_through_l_simple():
+    s = NoiseSchedule.from_name("linear", 100)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 10, 50, 99])
+    from ddpm.diffusion import q_sample
+
+    x_t = q_sample(s, x0, t, eps)
+    out = torch.randn(4, 2, 8, 8, generator=g, requires_grad=True)
+    loss = training_loss(s, out, x0, x_t, t, eps, variance="learned_range").sum()
+    (grad,) = torch.autograd.grad(loss, out)
+    # d/d(mean half) is that of the mean squared error alone (the VLB's stop-gradient)
+    expected = 2 * (out[:, :1] - eps).detach() / 64
+    assert torch.allclose(grad[:, :1], expected, atol=1e-6)
+    assert grad[:, 1:].abs().sum() > 0  # the variance half learns from L_vlb
+    plain = training_loss(s, out, x0, x_t, t, eps, variance="learned_range", vlb_weight=0.0)
+    assert torch.allclose(plain, ((out[:, :1] - eps) ** 2).mean(dim=(1, 2, 3)))
+
+
+# --------------------------------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_training_resumes_and_continues_its_step_count(tmp_path, make_config):
+    run = tmp_path / "run"
+    first = train(make_config(steps=50, checkpoint_every=25), run, progress=False, verbose=False)
+    assert (first.start_step, first.step) == (0, 50)
+    assert math.isfinite(first.loss)
+    assert [s for s, _ in list_checkpoints(run)] == [25, 50]
+
+    second = train(make_config(steps=80), run, progress=False, verbose=False)
+    assert (second.start_step, second.step) == (50, 80)
+    assert latest_checkpoint(run).step == 80
+    steps = [int(r["step"]) for r in _log_rows(run)]
+    assert steps == [5 * i for i in range(1, 17)]
+    assert all(math.isfinite(float(r["loss"])) for r in _log_rows(run))
+    assert (run / "samples" / "step_0000080.png").is_file()
+    assert (run / "config.json").is_file()
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path, make_config):
+    config = make_config(steps=20)
+    straight = train(config, tmp_path / "a", progress=False, verbose=False)
+    train(make_config(steps=10), tmp_path / "b", progress=False, verbose=False)
+    resumed = train(config, tmp_path / "b", progress=False, verbose=False)
+    assert straight.step == resumed.step == 20
+    a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    for group in ("model", "ema"):
+        for key, value in a.tensors[group].items():
+            assert torch.equal(value, b.tensors[group][key]), f"{group}.{key}"
+
+
+def test_minutes_budget_stops_on_the_clock(tmp_path, make_config):
+    result = train(make_config(minutes=0.01), tmp_path / "run", progress=False, verbose=False)
+    assert result.stopped_by == "minutes"
+    assert result.step >= 1
+    assert latest_checkpoint(tmp_path / "run").step == result.step
+
+
+def test_a_finished_run_is_not_trained_further(trained_run, tmp_path, make_config):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    result = train(make_config(steps=30), run, progress=False, verbose=False)
+    assert (result.start_step, result.step) == (30, 30)
+
+
+def test_resume_with_a_different_network_is_refused(trained_run, tmp_path, make_config):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    config = make_config(steps=40)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, base_channels=32))
+    with pytest.raises(ConfigError, match="model.base_channels"):
+        train(config, run, progress=False, verbose=False)
+
+
+def test_a_non_empty_directory_that_is_not_a_run_is_refused(tmp_path, make_config):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="not a ddpm run directory"):
+        train(make_config(steps=1), tmp_path, progress=False, verbose=False)
+
+
+def test_two_dimensional_data_train_an_mlp_and_plot_a_scatter(tmp_path):
+    config = RunConfig(
+        data=DataConfig(name="moons", num_points=500),
+        model=ModelConfig(hidden=32, num_layers=2),
+        train=TrainConfig(
+            steps=5, batch_size=64, sample_steps=4, tensorboard=False, sample_every=0
+        ),
+    )
+    result = train(config, tmp_path / "moons", progress=False, verbose=False)
+    assert result.step == 5
+    assert result.samples.is_file()
+    assert latest_checkpoint(tmp_path / "moons").meta["model"]["arch"] == "mlp"
+
+
+def test_learned_variance_trains_with_the_hybrid_loss(tmp_path, make_config):
+    config = make_config(steps=3)
+    config = dataclasses.replace(
+        config, diffusion=dataclasses.replace(config.diffusion, variance="learned_range")
+    )
+    result = train(config, tmp_path / "run", progress=False, verbose=False)
+    assert math.isfinite(result.loss)
+
+
+def test_bf16_without_native_support_trains_but_warns(tmp_path, make_config, monkeypatch):
+    monkeypatch.setattr("ddpm.train._native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="bfloat16"):
+        result = train(
+            make_config(steps=1, bf16=True), tmp_path / "run", progress=False, verbose=False
+        )
+    assert math.isfinite(result.loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# using a run
+# --------------------------------------------------------------------------------------------------
+
+
+def test_samples_from_a_run_have_the_data_shape_and_repeat_for_a_seed(trained_run, tmp_path):
+    a = sample_run(trained_run, num=6, steps=4, seed=3, out_dir=tmp_path / "a", progress=False)
+    b = sample_run(trained_run, num=6, steps=4, seed=3, out_dir=tmp_path / "b", progress=False)
+    c = sample_run(trained_run, num=6, steps=4, seed=4, out_dir=tmp_path / "c", progress=False)
+    assert a.x0.shape == (6, 1, 8, 8)
+    with np.load(a.npz) as fa, np.load(b.npz) as fb, np.load(c.npz) as fc:
+        assert fa["images"].shape == (6, 8, 8, 1) and fa["images"].dtype == np.uint8
+        assert np.array_equal(fa["x0"], fb["x0"])
+        assert not np.array_equal(fa["x0"], fc["x0"])
+
+
+def test_trajectory_picture_is_written_on_request(trained_run, tmp_path):
+    result = sample_run(
+        trained_run, num=4, steps=4, trajectory=True, out_dir=tmp_path, progress=False
+    )
+    assert result.trajectory_png.is_file()
+
+
+def test_describe_run_reports_step_and_checkpoints(trained_run):
+    text = describe_run(trained_run)
+    assert "step:       30" in text
+    assert "step_0000030" in text
