@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddpm.checkpoint import latest_checkpoint, list_checkpoints
-from ddpm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ddpm.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from ddpm.errors import ConfigError, RunDirError
 from ddpm.schedules import NoiseSchedule
 from ddpm.train import (
@@ -158,6 +158,7 @@ def test_two_dimensional_data_train_an_mlp_and_plot_a_scatter(tmp_path):
         train=TrainConfig(
             steps=5, batch_size=64, sample_steps=4, tensorboard=False, sample_every=0
         ),
+        sample=SampleConfig(steps=4),
     )
     result = train(config, tmp_path / "moons", progress=False, verbose=False)
     assert result.step == 5
@@ -178,7 +179,10 @@ def test_bf16_without_native_support_trains_but_warns(tmp_path, make_config, mon
     monkeypatch.setattr("ddpm.train._native_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="bfloat16"):
         result = train(
-            make_config(steps=1, bf16=True), tmp_path / "run", progress=False, verbose=False
+            make_config(steps=1, batch_size=4, bf16=True),
+            tmp_path / "run",
+            progress=False,
+            verbose=False,
         )
     assert math.isfinite(result.loss)
 

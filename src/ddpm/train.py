@@ -11,7 +11,8 @@ with AdamW, a linear learning-rate warm-up, gradient-norm clipping and an expone
     RUN/config.json                       the resolved RunConfig
     RUN/log.csv                           step, loss, lr, grad_norm, images_per_s, elapsed_s
     RUN/tb/                               TensorBoard scalars (if tensorboard is installed)
-    RUN/samples/step_XXXXXXX.png          preview grids (EMA weights, short respaced chain)
+    RUN/samples/step_XXXXXXX.png          previews (EMA, short respaced chain); the last one is the
+                                          full chain, the same picture as ``ddpm sample RUN``
     RUN/checkpoints/step_XXXXXXX/         model, ema, train_state .safetensors + meta.json (last K)
     RUN/generated/                        ``ddpm sample`` output (PNG grid + .npz)
 
@@ -373,28 +374,45 @@ class TrainResult(NamedTuple):
     stopped_by: str  # "steps", "minutes" or "interrupt"
 
 
-@torch.no_grad()
-def _preview(
-    model, schedule, shape, config: RunConfig, path: Path, reference: Tensor | None
-) -> Path:
-    kind = "points" if len(shape) == 1 else "image"
-    num = _PREVIEW_POINTS if kind == "points" else _PREVIEW_IMAGES
-    # The same noise every time, and a generator of its own: previews do not disturb training's RNG.
-    generator = torch.Generator().manual_seed(config.train.seed)
-    out = sample(
+def _draw(
+    model,
+    schedule: NoiseSchedule,
+    shape,
+    config: RunConfig,
+    *,
+    num,
+    steps,
+    seed,
+    record=(),
+    progress=False,
+):
+    """Samples from the model with the run's diffusion settings and [sample] options."""
+    is_image = len(shape) > 1
+    return sample(
         model,
         schedule,
         (num, *shape),
-        num_steps=min(config.train.sample_steps, schedule.num_timesteps),
-        generator=generator,
+        sampler=config.sample.sampler,
+        num_steps=min(steps, schedule.num_timesteps),
+        generator=torch.Generator().manual_seed(seed),
         prediction=config.diffusion.prediction,
         variance=config.diffusion.variance,
-        clip_x0=kind == "image",
-        progress=False,
+        clip_x0=config.sample.clip_x0 and is_image,
+        record=record,
+        progress=progress,
     )
-    if kind == "points":
-        return viz.save_scatter(out.x0, path, reference=reference, title=path.stem)
-    return viz.save_image_grid(out.x0, path)
+
+
+def _default_num(shape) -> int:
+    return _PREVIEW_IMAGES if len(shape) > 1 else _PREVIEW_POINTS
+
+
+def _save_samples(
+    x0: Tensor, path: Path, reference: Tensor | None = None, title: str | None = None
+) -> Path:
+    if x0.ndim == 2:
+        return viz.save_scatter(x0, path, reference=reference, title=title)
+    return viz.save_image_grid(x0, path)
 
 
 def train(
@@ -403,8 +421,9 @@ def train(
     """Train (or resume training) the run in ``run_dir`` until the budget of ``config.train`` is spent.
 
     ``train.steps`` is the total number of updates of the run (earlier invocations included);
-    ``train.minutes`` is wall-clock minutes for this call; whichever comes first stops training. A
-    checkpoint and a preview grid are written at the end. On the first Ctrl-C the current step finishes,
+    ``train.minutes`` is wall-clock minutes for this call; whichever comes first stops training. At the
+    end a checkpoint is written and samples are drawn as ``[sample]`` says (by default 64 images with
+    the full chain of T steps, seed 0: the same picture ``sample_run`` draws). On the first Ctrl-C the current step finishes,
     a checkpoint is written, and KeyboardInterrupt is raised."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
@@ -477,10 +496,24 @@ def train(
         )
         return save_checkpoint(run_dir, at_step, tensors, meta, keep=tc.keep_checkpoints)
 
-    def preview(at_step: int) -> Path:
+    def preview(at_step: int, final: bool = False) -> Path:
+        # Previews: a short respaced chain, the same noise every time (a generator of their own, so
+        # training's RNG is untouched). The final picture is what `ddpm sample RUN` draws by default.
+        sc = config.sample
+        num = _default_num(sample_shape) if sc.num is None or not final else sc.num
+        steps = (sc.steps or schedule.num_timesteps) if final else tc.sample_steps
+        out = _draw(
+            ema,
+            schedule,
+            sample_shape,
+            config,
+            num=num,
+            steps=steps,
+            seed=sc.seed if final else tc.seed,
+        )
         reference = data_x[:_PREVIEW_POINTS] if dataset.kind == "points" else None
         path = run_dir / "samples" / f"step_{at_step:07d}.png"
-        return _preview(ema, schedule, sample_shape, config, path, reference)
+        return _save_samples(out.x0, path, reference, title=f"step {at_step}")
 
     start_step = step
     t_start = time.monotonic()
@@ -526,9 +559,12 @@ def train(
         log.write(step, lr, elapsed_before + time.monotonic() - t_start)  # the last partial window
         if last_saved is None or step != _step_of(last_saved):
             last_saved = save(step, log.last_loss)
-        fresh = samples_path is not None and samples_path.stem == f"step_{step:07d}"
-        if step > 0 and not fresh and stopped_by != "interrupt":  # Ctrl-C: stop quickly
-            samples_path = preview(step)
+        if step > start_step and stopped_by != "interrupt":  # Ctrl-C: stop quickly
+            _say(
+                f"drawing {run_dir / 'samples' / f'step_{step:07d}.png'} (the full sampling chain)",
+                verbose,
+            )
+            samples_path = preview(step, final=True)
     finally:
         if bar is not None:
             bar.close()
@@ -767,21 +803,20 @@ def sample_run(
     if num_steps > T:
         raise ConfigError(f"steps must be at most T={T}, got {num_steps}")
     shape = tuple(ckpt.meta["data"]["sample_shape"])
-    is_image = ckpt.meta["data"]["kind"] == "image"
     kept = evenly_spaced_timesteps(T, num_steps)
     record = sorted(
         set(np.linspace(0, num_steps - 1, min(num_steps, 9)).round().astype(int).tolist())
     )
-    out = sample(
+    config = dataclasses.replace(config, sample=sc)
+    num = _default_num(shape) if sc.num is None else sc.num
+    out = _draw(
         model,
         schedule,
-        (sc.num, *shape),
-        sampler=sc.sampler,
-        num_steps=num_steps,
-        generator=torch.Generator().manual_seed(sc.seed),
-        prediction=config.diffusion.prediction,
-        variance=config.diffusion.variance,
-        clip_x0=sc.clip_x0 and is_image,
+        shape,
+        config,
+        num=num,
+        steps=num_steps,
+        seed=sc.seed,
         record=record if trajectory else (),
         progress=progress,
     )
@@ -789,11 +824,9 @@ def sample_run(
     stem = f"step_{ckpt.step:07d}_seed{sc.seed}" + ("" if sc.use_ema else "_raw")
     x0 = out.x0.float().cpu()
     arrays = {"x0": x0.numpy()}
-    if is_image:
+    if x0.ndim == 4:
         arrays["images"] = viz.to_uint8(x0)
-        png = viz.save_image_grid(x0, out_dir / f"{stem}.png")
-    else:
-        png = viz.save_scatter(x0, out_dir / f"{stem}.png", title=f"step {ckpt.step}")
+    png = _save_samples(x0, out_dir / f"{stem}.png", title=f"step {ckpt.step}")
     npz = _save_npz(out_dir / f"{stem}.npz", arrays)
     traj_png = None
     if trajectory:
