@@ -172,3 +172,57 @@ def test_console_script_info_and_error(trained_run, tmp_path):
     )
     _assert_one_line_error(proc.returncode, proc.stderr)
     assert proc.returncode == 2
+
+
+@pytest.mark.parametrize(
+    "flags,tag",
+    [
+        (["--sampler", "ddim", "--steps", "3", "--eta", "0.5"], "_ddim3"),
+        (
+            ["--sampler", "dpm_solver", "--steps", "4", "--order", "3", "--grid", "trailing"],
+            "_dpm_solver4",
+        ),
+        (["--steps", "3", "--dynamic-threshold", "0.99"], ""),
+    ],
+)
+def test_sample_with_a_chosen_sampler_and_grid(trained_run, tmp_path, capsys, flags, tag):
+    out = tmp_path / "gen"
+    assert main(["sample", str(trained_run), "--num", "3", "--out", str(out), "-q", *flags]) == 0
+    with np.load(out / f"step_0000030_seed0{tag}.npz") as f:
+        assert f["images"].shape == (3, 8, 8, 1)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--sampler", "heun"], "unknown sampler 'heun'"),
+        (["--order", "4", "--sampler", "dpm_solver"], "order must be 1, 2 or 3"),
+        (["--grid", "cubic", "--steps", "3"], "unknown grid 'cubic'"),
+    ],
+)
+def test_sample_with_a_bad_sampler_option_is_one_line(
+    trained_run, tmp_path, capsys, flags, message
+):
+    code = main(["sample", str(trained_run), "--out", str(tmp_path / "gen"), "-q", *flags])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert message in err
+    assert not (tmp_path / "gen").exists()
+
+
+def test_train_zero_terminal_snr_with_eps_prediction_is_one_line(tmp_path, fast_toml, capsys):
+    args = ["train", "--config", str(fast_toml), "--zero-terminal-snr", "--steps", "2"]
+    code = main([*args, "--run-dir", str(tmp_path / "run"), "-q"])
+    err = capsys.readouterr().err
+    _assert_one_line_error(code, err)
+    assert "prediction 'v'" in err and code == 2
+
+
+def test_train_with_v_prediction_zero_terminal_snr_and_the_vlb_objective(tmp_path, fast_toml):
+    run = tmp_path / "run"
+    args = ["train", "--config", str(fast_toml), "--steps", "3", "--run-dir", str(run), "-q"]
+    flags = ["--prediction", "v", "--zero-terminal-snr", "--loss", "vlb"]
+    flags += ["--timestep-sampler", "importance", "--min-snr-gamma", "5", "--offset-noise", "0.1"]
+    assert main([*args, *flags]) == 0
+    saved = (run / "config.json").read_text()
+    assert '"zero_terminal_snr": true' in saved and '"timestep_sampler": "importance"' in saved

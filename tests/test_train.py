@@ -214,3 +214,28 @@ def test_describe_run_reports_step_and_checkpoints(trained_run):
     text = describe_run(trained_run)
     assert "step:       30" in text
     assert "step_0000030" in text
+
+
+def test_resume_with_importance_sampled_timesteps_is_exact(tmp_path, make_config):
+    # The sampler's loss history is training state: without it in the checkpoint, the resumed run
+    # would draw other timesteps once every t has its 10 losses (after ~16 steps of 64 at T = 100).
+    def config(steps):
+        c = make_config(steps=steps, batch_size=64, timestep_sampler="importance")
+        return dataclasses.replace(c, diffusion=dataclasses.replace(c.diffusion, loss="vlb"))
+
+    train(config(40), tmp_path / "a", progress=False, verbose=False)
+    train(config(25), tmp_path / "b", progress=False, verbose=False)
+    train(config(40), tmp_path / "b", progress=False, verbose=False)
+    a, b = latest_checkpoint(tmp_path / "a"), latest_checkpoint(tmp_path / "b")
+    assert a.tensors["train_state"]["importance.counts"].min() == 10  # warmed up: p(t) was used
+    for group in ("model", "ema"):
+        for key, value in a.tensors[group].items():
+            assert torch.equal(value, b.tensors[group][key]), f"{group}.{key}"
+
+
+def test_offset_noise_is_refused_for_point_data(tmp_path):
+    config = RunConfig(
+        data=DataConfig(name="moons", num_points=200), train=TrainConfig(steps=1, offset_noise=0.1)
+    )
+    with pytest.raises(ConfigError, match="offset_noise"):
+        train(config, tmp_path / "moons", progress=False, verbose=False)

@@ -73,6 +73,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         out_dir=args.out,
         trajectory=args.trajectory,
         progress=not args.quiet,
+        sampler=args.sampler,
+        grid=args.grid,
+        eta=args.eta,
+        order=args.order,
+        clip_x0=False if args.no_clip else None,
+        dynamic_threshold=args.dynamic_threshold,
     )
     print(f"samples:    {result.png}")
     print(f"arrays:     {result.npz}")
@@ -175,6 +181,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="fixed_small (default), fixed_large, learned_range",
     )
     opt(
+        "--loss",
+        dest="diffusion.loss",
+        metavar="KIND",
+        help="simple (default), hybrid (default for learned variances), vlb",
+    )
+    opt(
+        "--zero-terminal-snr",
+        dest="diffusion.zero_terminal_snr",
+        action="store_true",
+        default=None,
+        help="rescale the schedule to SNR 0 at t=T (needs --prediction v)",
+    )
+    opt(
+        "--timestep-sampler",
+        dest="train.timestep_sampler",
+        metavar="KIND",
+        help="uniform (default) or importance (loss-second-moment, for --loss vlb)",
+    )
+    opt(
+        "--min-snr-gamma",
+        dest="train.min_snr_gamma",
+        type=float,
+        metavar="G",
+        help="Min-SNR-gamma loss weighting, e.g. 5",
+    )
+    opt(
+        "--offset-noise",
+        dest="train.offset_noise",
+        type=float,
+        metavar="S",
+        help="offset noise strength, e.g. 0.1 (images)",
+    )
+    opt(
+        "--vlb-weight",
+        dest="train.vlb_weight",
+        type=float,
+        metavar="L",
+        help="lambda of the hybrid loss (0.001)",
+    )
+    opt(
         "--steps", dest="train.steps", type=int, metavar="N", help="total training steps of the run"
     )
     opt(
@@ -213,6 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, help="number of samples (default 64)")
     p.add_argument(
         "--steps", type=int, metavar="K", help="respaced chain of K steps (default: all T)"
+    )
+    p.add_argument(
+        "--sampler", metavar="NAME", help="ancestral (default), ddim, dpm_solver (DPM-Solver++)"
+    )
+    p.add_argument(
+        "--grid",
+        metavar="NAME",
+        help="timestep grid for --steps: linspace, leading, trailing, quadratic, logsnr "
+        "(default: linspace; logsnr for dpm_solver)",
+    )
+    p.add_argument("--eta", type=float, metavar="E", help="DDIM noise: 0 (default) .. 1")
+    p.add_argument("--order", type=int, metavar="K", help="DPM-Solver++ order: 1, 2 (default), 3")
+    p.add_argument(
+        "--no-clip", action="store_true", help="do not clamp the x_0 prediction to [-1, 1]"
+    )
+    p.add_argument(
+        "--dynamic-threshold",
+        type=float,
+        metavar="P",
+        help="dynamic thresholding at percentile P (e.g. 0.995) instead of clipping",
     )
     p.add_argument("--seed", type=int, metavar="S")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")

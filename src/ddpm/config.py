@@ -26,7 +26,7 @@ from typing import Any
 
 from ddpm.diffusion import PREDICTIONS, VARIANCES
 from ddpm.errors import ConfigError
-from ddpm.samplers import SAMPLERS
+from ddpm.samplers import GRIDS, SAMPLERS
 from ddpm.schedules import BETA_SCHEDULES
 
 # The default budget when neither steps nor minutes is given: enough for recognisable 8x8 digits with
@@ -39,6 +39,8 @@ DEFAULT_LR = {"tiny": 2e-3, "small": 5e-4, "cifar10": 2e-4, "mlp": 1e-3}
 FALLBACK_LR = 2e-4
 
 SPLITS = ("train", "test", "all")
+LOSSES = ("simple", "hybrid", "vlb")
+TIMESTEP_SAMPLERS = ("uniform", "importance")
 
 
 def _positive_int(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -132,6 +134,9 @@ class DiffusionConfig:
     num_timesteps: int = 1000
     prediction: str = "eps"
     variance: str = "fixed_small"
+    # simple: L_simple (eq. 14); hybrid: L_simple + lambda L_vlb (learned variances; Nichol & Dhariwal
+    # eq. 16); vlb: the bound alone. None: hybrid for learned variances, simple otherwise.
+    loss: str | None = None
     zero_terminal_snr: bool = False
 
     def __post_init__(self) -> None:
@@ -139,6 +144,25 @@ class DiffusionConfig:
         _positive_int("diffusion.num_timesteps", self.num_timesteps)
         _one_of("prediction", self.prediction, PREDICTIONS)
         _one_of("variance", self.variance, VARIANCES)
+        if self.loss is not None:
+            _one_of("loss", self.loss, LOSSES)
+        if self.loss == "hybrid" and not self.learn_sigma:
+            raise ConfigError(
+                "loss 'hybrid' trains a learned variance: use variance 'learned_range' (or loss "
+                "'simple' / 'vlb')"
+            )
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ConfigError(
+                "zero_terminal_snr needs prediction 'v' (or 'x0'): at SNR 0 the noise is the whole "
+                "of x_T, so eps-prediction says nothing about x_0 (Lin et al. 2024)"
+            )
+
+    @property
+    def objective(self) -> str:
+        """The loss actually used (``loss`` with its default filled in)."""
+        if self.loss is not None:
+            return self.loss
+        return "hybrid" if self.learn_sigma else "simple"
 
     @property
     def learn_sigma(self) -> bool:
@@ -164,6 +188,11 @@ class TrainConfig:
     vlb_weight: float = (
         0.001  # lambda of L_hybrid = L_simple + lambda L_vlb (learned variances only)
     )
+    # uniform: t ~ U{1..T} (Algorithm 1); importance: p(t) ~ sqrt(E[L_t^2]) over the last 10 losses
+    # of each t, the loss weighted by 1 / (T p(t)) (Nichol & Dhariwal sec. 3.3; meant for loss 'vlb').
+    timestep_sampler: str = "uniform"
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5
+    offset_noise: float = 0.0  # eps += offset * N(0, 1) per image and channel (images only)
     bf16: bool = False  # bfloat16 autocast for the network on CPU
     seed: int = 0
     log_every: int = 50
@@ -184,6 +213,9 @@ class TrainConfig:
         if not (isinstance(self.ema_decay, int | float) and 0 <= self.ema_decay < 1):
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         _positive_float("vlb_weight", self.vlb_weight, allow_zero=True)
+        _one_of("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        _positive_float("min_snr_gamma", self.min_snr_gamma, allow_none=True)
+        _positive_float("offset_noise", self.offset_noise, allow_zero=True)
         _positive_int("seed", self.seed, allow_zero=True)
         _positive_int("log_every", self.log_every)
         _positive_int("sample_every", self.sample_every, allow_zero=True)
@@ -195,20 +227,44 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SampleConfig:
     """Defaults for ``ddpm sample`` (and the picture at the end of training): how many (None: 64 images
-    or 2000 points), how many steps (None: the full chain of T steps)."""
+    or 2000 points), how many steps (None: the full chain of T steps), which sampler on which grid
+    (None: the sampler's default, ``ddpm.samplers.DEFAULT_GRIDS``)."""
 
     num: int | None = None
     steps: int | None = None
     sampler: str = "ancestral"
+    grid: str | None = None
+    eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
+    order: int = 2  # DPM-Solver++ only: 1, 2 or 3
     seed: int = 0
     use_ema: bool = True
-    clip_x0: bool = True
+    clip_x0: bool = True  # images: clamp the x_0 prediction to [-1, 1]
+    dynamic_threshold: float | None = None  # images: Imagen's dynamic thresholding percentile
 
     def __post_init__(self) -> None:
         _positive_int("sample.num", self.num, allow_none=True)
         _positive_int("sample.steps", self.steps, allow_none=True)
         _one_of("sampler", self.sampler, SAMPLERS)
+        if self.grid is not None:
+            _one_of("grid", self.grid, GRIDS)
+        _positive_float("eta", self.eta, allow_zero=True)
+        if self.order not in (1, 2, 3):
+            raise ConfigError(f"order must be 1, 2 or 3, got {self.order!r}")
         _positive_int("sample.seed", self.seed, allow_zero=True)
+        if self.dynamic_threshold is not None and not (
+            isinstance(self.dynamic_threshold, float | int) and 0 < self.dynamic_threshold <= 1
+        ):
+            raise ConfigError(
+                f"dynamic_threshold is a percentile in (0, 1], got {self.dynamic_threshold!r}"
+            )
+
+    def sampler_options(self) -> dict[str, Any]:
+        """The options only the chosen sampler takes (eta for DDIM, order for DPM-Solver++)."""
+        if self.sampler == "ddim":
+            return {"eta": self.eta}
+        if self.sampler == "dpm_solver":
+            return {"order": self.order}
+        return {}
 
 
 @dataclass(frozen=True)
@@ -383,4 +439,6 @@ def resolve_config(config: RunConfig, *, kind: str, sample_shape: tuple[int, ...
         raise ConfigError(
             f"data set '{data.name}' holds 2-D points; use model 'mlp', not '{model.preset}'"
         )
+    if train.offset_noise > 0 and kind == "points":
+        raise ConfigError("offset_noise shifts whole images; it does not apply to 2-D point data")
     return dataclasses.replace(config, model=model, data=data, train=train)

@@ -145,6 +145,18 @@ def fixed_large_variance(s: NoiseSchedule) -> Tensor:
     return torch.cat([first, s.beta[1:]])
 
 
+def dynamic_threshold_x0(x0_pred: Tensor, percentile: float = 0.995) -> Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, sec. 2.3): per example, s = max(1, the given
+    percentile of |x0_pred|), then x0 <- clamp(x0_pred, -s, s) / s. Saturated pixels are pulled inwards
+    instead of being cut off as by a static clip to [-1, 1]; with s = 1 the two agree."""
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"dynamic threshold percentile must lie in (0, 1], got {percentile}")
+    flat = x0_pred.reshape(x0_pred.shape[0], -1).abs().float()
+    s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0).to(x0_pred.dtype)
+    s = s.reshape(-1, *([1] * (x0_pred.ndim - 1)))
+    return torch.maximum(torch.minimum(x0_pred, s), -s) / s
+
+
 def p_mean_variance(
     s: NoiseSchedule,
     x_t: Tensor,
@@ -154,6 +166,7 @@ def p_mean_variance(
     prediction: str = "eps",
     variance: str = "fixed_small",
     clip_x0: bool = False,
+    dynamic_threshold: float | None = None,
 ) -> PMeanVariance:
     """p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), Sigma_theta(x_t, t)) from a network's output.
 
@@ -163,7 +176,8 @@ def p_mean_variance(
       learned        log Sigma = network's second half of channels
       learned_range  log Sigma = f log beta_t + (1 - f) log beta~_t, f = (out + 1)/2 (Nichol & Dhariwal eq. 15)
     For the learned variants the output has 2C channels on dim 1: the prediction, then the variance.
-    clip_x0 clamps x0_pred to [-1, 1] before the mean is formed (sampling images only).
+    clip_x0 clamps x0_pred to [-1, 1] before the mean is formed (sampling images only);
+    dynamic_threshold = p applies ``dynamic_threshold`` with that percentile instead.
     """
     if variance in ("learned", "learned_range"):
         if model_output.shape[1] % 2:
@@ -190,7 +204,10 @@ def p_mean_variance(
         raise ValueError(f"unknown variance {variance!r}; known: {', '.join(VARIANCES)}")
 
     x0_pred, eps_pred = predict_x0_eps(s, x_t, t, model_output, prediction)
-    if clip_x0:
+    if dynamic_threshold is not None:
+        x0_pred = dynamic_threshold_x0(x0_pred, dynamic_threshold)
+        eps_pred = eps_from_x0(s, x_t, t, x0_pred)
+    elif clip_x0:
         x0_pred = x0_pred.clamp(-1, 1)
         eps_pred = eps_from_x0(s, x_t, t, x0_pred)
     model_mean = q_posterior_mean_variance(s, x0_pred, x_t, t).mean

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ddpm.diffusion import q_posterior_mean_variance
+from ddpm.diffusion import p_mean_variance, q_posterior_mean_variance, target_for
 from ddpm.schedules import NoiseSchedule, extract
 
 Tensor = torch.Tensor
@@ -166,3 +166,116 @@ def min_snr_weight(
     else:
         raise ValueError(f"unknown prediction {prediction!r}")
     return w.float()
+
+
+OBJECTIVES = ("simple", "hybrid", "vlb")
+
+
+def training_loss(
+    s: NoiseSchedule,
+    model_output: Tensor,
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    eps: Tensor,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    objective: str | None = None,
+    vlb_weight: float = 0.001,
+    min_snr_gamma: float | None = None,
+    decoder: str = "discretized",
+) -> Tensor:
+    """The per-example training loss [B] at the drawn t, for x_t = q_sample(x0, t, eps).
+
+      simple  L_simple (eq. 14) on the prediction's target (eps, x0 or v), optionally Min-SNR weighted
+      hybrid  L_simple + lambda T L_t (Nichol & Dhariwal eq. 16): T L_t in bits/dim is an unbiased
+              estimate of L_vlb = sum_t L_t, and the mean is detached inside it so that L_vlb trains
+              only the learned variance
+      vlb     T L_t alone, through the mean and the variance (their L_vlb)
+    ``objective`` None means hybrid for learned variances, simple otherwise. Learned variances need
+    2C output channels (prediction, then variance)."""
+    learned = variance in ("learned", "learned_range")
+    objective = objective or ("hybrid" if learned else "simple")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    if objective == "hybrid" and not learned:
+        raise ValueError("the hybrid objective needs a learned variance")
+    out = model_output.float()
+    mean_out = out.chunk(2, dim=1)[0] if learned else out
+    if objective == "vlb":
+        return _vlb_loss(s, out, x0, x_t, t, prediction, variance, decoder)
+    weight = None if min_snr_gamma is None else min_snr_weight(s, t, min_snr_gamma, prediction)
+    loss = simple_loss(target_for(s, x0, t, eps, prediction), mean_out, weight)
+    if objective == "hybrid":
+        frozen = torch.cat([mean_out.detach(), out.chunk(2, dim=1)[1]], dim=1)
+        loss = loss + vlb_weight * _vlb_loss(s, frozen, x0, x_t, t, prediction, variance, decoder)
+    return loss
+
+
+def _vlb_loss(s, out, x0, x_t, t, prediction, variance, decoder) -> Tensor:
+    """T L_t in bits/dim: the single-term estimate of the whole sum_t L_t (t uniform)."""
+    pmv = p_mean_variance(s, x_t, t, out, prediction=prediction, variance=variance)
+    nats = vlb_term(s, x0, x_t, t, pmv.model_mean, pmv.model_log_variance, decoder=decoder)
+    return s.num_timesteps * nats_to_bpd(nats, x0[0].numel())
+
+
+class ImportanceSampler:
+    """Importance sampling of t for L_vlb (Nichol & Dhariwal sec. 3.3): p(t) proportional to
+    sqrt(E[L_t^2]), estimated from the last ``history`` losses seen at each t, mixed with a uniform
+    share ``uniform_prob``; uniform until every t has its full history. Drawing t ~ p and weighting
+    the loss by 1 / (T p(t)) keeps the estimate of sum_t L_t unbiased while lowering its variance.
+    The state (``state_dict``) belongs in checkpoints so that a resumed run draws the same t."""
+
+    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
+        self.num_timesteps, self.history, self.uniform_prob = num_timesteps, history, uniform_prob
+        # A ring buffer per t: losses[t, pos[t]] is overwritten next once counts[t] == history.
+        self.losses = torch.zeros(num_timesteps, history, dtype=torch.float64)
+        self.counts = torch.zeros(num_timesteps, dtype=torch.long)
+        self.pos = torch.zeros(num_timesteps, dtype=torch.long)
+
+    def probabilities(self) -> Tensor:
+        """p(t) [T], float64."""
+        T = self.num_timesteps
+        if bool((self.counts < self.history).any()):
+            return torch.full((T,), 1.0 / T, dtype=torch.float64)
+        w = self.losses.pow(2).mean(dim=1).sqrt()
+        w = w / w.sum()
+        return w * (1 - self.uniform_prob) + self.uniform_prob / T
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(t [B] long, weight [B] float32 = 1 / (T p(t)))."""
+        p = self.probabilities()
+        t = torch.multinomial(p, batch, replacement=True, generator=generator)
+        return t, (1.0 / (self.num_timesteps * p[t])).float()
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Record the (unweighted) per-example losses [B] seen at timesteps t [B], in batch order."""
+        t = t.detach().long().cpu()
+        losses = losses.detach().double().cpu()
+        t_sorted, order = torch.sort(t, stable=True)  # stable: batch order within each t
+        seen = torch.bincount(t, minlength=self.num_timesteps)
+        first = torch.cumsum(seen, 0) - seen
+        rank = torch.arange(t.numel()) - first[t_sorted]  # 0, 1, .. within each t
+        keep = rank >= seen[t_sorted] - self.history  # only the newest `history` of a t survive
+        slot = (self.pos[t_sorted] + rank) % self.history
+        self.losses[t_sorted[keep], slot[keep]] = losses[order][keep]
+        self.pos = (self.pos + seen) % self.history
+        self.counts = torch.clamp(self.counts + seen, max=self.history)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {
+            "losses": self.losses.clone(),
+            "counts": self.counts.clone(),
+            "pos": self.pos.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state["losses"].shape != self.losses.shape:
+            raise ValueError(
+                f"importance sampler state has shape {tuple(state['losses'].shape)}, "
+                f"expected {tuple(self.losses.shape)}"
+            )
+        self.losses = state["losses"].to(torch.float64).clone()
+        self.counts = state["counts"].to(torch.long).clone()
+        self.pos = state["pos"].to(torch.long).clone()

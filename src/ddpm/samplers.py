@@ -1,6 +1,7 @@
 """Samplers: functions with one shared signature, chosen by name from ``SAMPLERS``.
 
-    sampler(model, schedule, x_T, *, prediction, variance, clip_x0, generator, record, progress)
+    sampler(model, schedule, x_T, *, prediction, variance, clip_x0, dynamic_threshold, generator,
+            record, progress)
         -> SamplerOutput(x0, trajectory)
 
 ``schedule`` is the chain to walk: the full one, or one respaced onto a timestep grid (``GRIDS``), in
@@ -69,6 +70,7 @@ def ancestral_sample(
     prediction: str = "eps",
     variance: str = "fixed_small",
     clip_x0: bool = False,
+    dynamic_threshold: float | None = None,
     generator: torch.Generator | None = None,
     record: Sequence[int] = (),
     progress: bool = False,
@@ -80,7 +82,14 @@ def ancestral_sample(
     def update(i, t, t_model, x):
         out = model(x, t_model).to(x.dtype)
         pmv = p_mean_variance(
-            schedule, x, t, out, prediction=prediction, variance=variance, clip_x0=clip_x0
+            schedule,
+            x,
+            t,
+            out,
+            prediction=prediction,
+            variance=variance,
+            clip_x0=clip_x0,
+            dynamic_threshold=dynamic_threshold,
         )
         z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return p_sample_step(pmv, t, z)
@@ -98,6 +107,7 @@ def ddim_sample(
     prediction: str = "eps",
     variance: str = "fixed_small",
     clip_x0: bool = False,
+    dynamic_threshold: float | None = None,
     generator: torch.Generator | None = None,
     record: Sequence[int] = (),
     progress: bool = False,
@@ -112,7 +122,14 @@ def ddim_sample(
     def update(i, t, t_model, x):
         out = model(x, t_model).to(x.dtype)
         pmv = p_mean_variance(
-            schedule, x, t, out, prediction=prediction, variance=variance, clip_x0=clip_x0
+            schedule,
+            x,
+            t,
+            out,
+            prediction=prediction,
+            variance=variance,
+            clip_x0=clip_x0,
+            dynamic_threshold=dynamic_threshold,
         )
         a, a_prev = ab[i].item(), ab_prev[i].item()
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
@@ -140,6 +157,7 @@ def dpm_solver_sample(
     prediction: str = "eps",
     variance: str = "fixed_small",
     clip_x0: bool = False,
+    dynamic_threshold: float | None = None,
     generator: torch.Generator | None = None,
     record: Sequence[int] = (),
     progress: bool = False,
@@ -169,7 +187,14 @@ def dpm_solver_sample(
     def update(i, t, t_model, x):
         out = model(x, t_model).to(x.dtype)
         pmv = p_mean_variance(
-            schedule, x, t, out, prediction=prediction, variance=variance, clip_x0=clip_x0
+            schedule,
+            x,
+            t,
+            out,
+            prediction=prediction,
+            variance=variance,
+            clip_x0=clip_x0,
+            dynamic_threshold=dynamic_threshold,
         )
         d = pmv.x0_pred
         if i == 0:
@@ -300,6 +325,12 @@ GRIDS: dict[str, Callable[[NoiseSchedule, int], Tensor]] = {
 }
 
 
+# The grid each sampler uses when none is named. Ancestral and DDIM: Improved DDPM's evenly spaced
+# respacing, which keeps both ends of the chain. DPM-Solver++: uniform in log-SNR, where its steps are
+# defined; on the linspace grid its 2M variant over-disperses at 20 steps (benchmarks/samplers.py).
+DEFAULT_GRIDS = {"ancestral": "linspace", "ddim": "linspace", "dpm_solver": "logsnr"}
+
+
 def timestep_grid(schedule: NoiseSchedule, num_steps: int, grid: str = "linspace") -> Tensor:
     """The named grid of num_steps indices into ``schedule``, ascending (see ``GRIDS``)."""
     if grid not in GRIDS:
@@ -314,16 +345,25 @@ def sample(
     *,
     sampler: str = "ancestral",
     num_steps: int | None = None,
-    grid: str = "linspace",
+    grid: str | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     **options,
 ) -> SamplerOutput:
     """Draw x_T ~ N(0, I) of the given shape and run the named sampler, on the full chain or, with
-    num_steps < T, on the schedule respaced onto that many points of the named grid."""
+    num_steps < T, on the schedule respaced onto that many points of the named grid (default: the
+    sampler's entry in ``DEFAULT_GRIDS``). ``options`` go to the sampler (prediction, variance, clip_x0,
+    dynamic_threshold, eta for DDIM, order for DPM-Solver++, record, progress)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
+    if options.get("prediction", "eps") == "eps" and float(schedule.alpha_bar[-1]) == 0.0:
+        # x0 = (x_T - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) is undefined at alpha_bar = 0.
+        raise ValueError(
+            "a zero-terminal-SNR schedule needs prediction 'v' or 'x0': eps-prediction cannot "
+            "recover x_0 at the last step"
+        )
+    grid = DEFAULT_GRIDS[sampler] if grid is None else grid
     if num_steps is not None and (num_steps != schedule.num_timesteps or grid != "linspace"):
         schedule = respace(schedule, timestep_grid(schedule, num_steps, grid))
     x_T = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)

@@ -57,15 +57,16 @@ from ddpm.config import (
     ModelConfig,
     RunConfig,
     load_config,
+    merge_config,
     resolve_config,
     save_config,
 )
 from ddpm.data import load_dataset
-from ddpm.diffusion import p_mean_variance, q_sample, target_for
+from ddpm.diffusion import q_sample
 from ddpm.errors import ConfigError, DDPMError, RunDirError
-from ddpm.losses import nats_to_bpd, simple_loss, vlb_term
+from ddpm.losses import ImportanceSampler, training_loss
 from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet, count_parameters
-from ddpm.samplers import evenly_spaced_timesteps, sample
+from ddpm.samplers import DEFAULT_GRIDS, sample, timestep_grid
 from ddpm.schedules import NoiseSchedule
 
 Tensor = torch.Tensor
@@ -109,39 +110,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
         b_ema.copy_(b)
-
-
-def training_loss(
-    schedule: NoiseSchedule,
-    model_output: Tensor,
-    x0: Tensor,
-    x_t: Tensor,
-    t: Tensor,
-    eps: Tensor,
-    *,
-    prediction: str = "eps",
-    variance: str = "fixed_small",
-    vlb_weight: float = 0.001,
-    decoder: str = "discretized",
-) -> Tensor:
-    """Per-example loss [B]. Fixed variances: L_simple (eq. 14) on the prediction's target.
-
-    Learned variances (2C output channels): L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal
-    eq. 16), where L_vlb = T L_t at the drawn t (an unbiased estimate of sum_t L_t), in bits/dim, with a
-    stop-gradient on the mean so that L_vlb trains only the variance."""
-    out = model_output.float()
-    target = target_for(schedule, x0, t, eps, prediction)
-    if variance not in ("learned", "learned_range"):
-        return simple_loss(target, out)
-    mean_out, var_out = out.chunk(2, dim=1)
-    loss = simple_loss(target, mean_out)
-    frozen = torch.cat([mean_out.detach(), var_out], dim=1)
-    pmv = p_mean_variance(schedule, x_t, t, frozen, prediction=prediction, variance=variance)
-    vb_nats = vlb_term(
-        schedule, x0, x_t, t, pmv.model_mean, pmv.model_log_variance, decoder=decoder
-    )
-    num_dims = x0[0].numel()
-    return loss + vlb_weight * schedule.num_timesteps * nats_to_bpd(vb_nats, num_dims)
 
 
 class DataOrder:
@@ -394,10 +362,13 @@ def _draw(
         (num, *shape),
         sampler=config.sample.sampler,
         num_steps=min(steps, schedule.num_timesteps),
+        grid=config.sample.grid,
         generator=torch.Generator().manual_seed(seed),
         prediction=config.diffusion.prediction,
         variance=config.diffusion.variance,
         clip_x0=config.sample.clip_x0 and is_image,
+        dynamic_threshold=config.sample.dynamic_threshold if is_image else None,
+        **config.sample.sampler_options(),
         record=record,
         progress=progress,
     )
@@ -465,6 +436,9 @@ def train(
     schedule = build_schedule(dfc)
     order = DataOrder(len(dataset), tc.seed)
     noise_gen = torch.Generator().manual_seed(tc.seed + 1)  # t and eps of Algorithm 1
+    timesteps = (
+        ImportanceSampler(schedule.num_timesteps) if tc.timestep_sampler == "importance" else None
+    )
     data_x = torch.as_tensor(dataset.x, dtype=torch.float32)
     decoder = "gaussian" if dataset.kind == "points" else "discretized"
     num_params = count_parameters(model)
@@ -472,7 +446,7 @@ def train(
     step, elapsed_before, last_saved = 0, 0.0, None
     resumed = latest_checkpoint(run_dir) if cfg_path.is_file() else None
     if resumed is not None:
-        step, elapsed_before = _restore(resumed, model, ema, optimizer, order, noise_gen)
+        step, elapsed_before = _restore(resumed, model, ema, optimizer, order, noise_gen, timesteps)
         last_saved = resumed.path
         _say(f"resuming {run_dir} from step {step} ({resumed.path.name})", verbose)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -485,7 +459,7 @@ def train(
     )
 
     def save(at_step: int, loss: float) -> Path:
-        tensors, meta = _training_state(model, ema, optimizer, order, noise_gen)
+        tensors, meta = _training_state(model, ema, optimizer, order, noise_gen, timesteps)
         meta.update(
             step=at_step,
             elapsed_s=elapsed_before + (time.monotonic() - t_start),
@@ -539,7 +513,7 @@ def train(
                 lr = lr_at(step, tc.lr, tc.warmup_steps)
                 x0 = data_x[order.next(tc.batch_size)]
                 loss, grad_norm = _train_step(
-                    model, optimizer, schedule, x0, noise_gen, lr, config, decoder
+                    model, optimizer, schedule, x0, noise_gen, lr, config, decoder, timesteps
                 )
                 if not math.isfinite(loss):
                     raise DDPMError(f"the loss became {loss} at step {step + 1}; try a lower --lr")
@@ -603,6 +577,17 @@ def _step_of(path: Path) -> int:
     return int(path.name.split("_")[-1])
 
 
+def draw_noise(shape, generator: torch.Generator, offset_noise: float = 0.0) -> Tensor:
+    """eps ~ N(0, I) of the given shape [B, C, ...]; with offset noise (Guttenberg 2023) plus
+    offset_noise * N(0, 1) shared by all pixels of each image and channel, so that the model learns to
+    change an image's mean brightness, which i.i.d. eps (averaging out over pixels) barely moves."""
+    eps = torch.randn(shape, generator=generator)
+    if offset_noise > 0:
+        shift = torch.randn(tuple(shape[:2]) + (1,) * (len(shape) - 2), generator=generator)
+        eps = eps + offset_noise * shift
+    return eps
+
+
 def _train_step(
     model,
     optimizer,
@@ -612,17 +597,22 @@ def _train_step(
     lr: float,
     config: RunConfig,
     decoder: str,
+    timesteps: ImportanceSampler | None = None,
 ) -> tuple[float, float]:
     """One update of Algorithm 1 on the minibatch x0; returns (loss, gradient norm before clipping)."""
     tc, dfc = config.train, config.diffusion
     for group in optimizer.param_groups:
         group["lr"] = lr
-    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=noise_gen)  # t ~ Uniform
-    eps = torch.randn(x0.shape, generator=noise_gen)  # eps ~ N(0, I)
+    batch = x0.shape[0]
+    if timesteps is None:
+        t, weight = torch.randint(0, schedule.num_timesteps, (batch,), generator=noise_gen), None
+    else:
+        t, weight = timesteps.sample(batch, noise_gen)
+    eps = draw_noise(x0.shape, noise_gen, tc.offset_noise)
     x_t = q_sample(schedule, x0, t, eps)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
         out = model(x_t, schedule.timesteps[t])
-    loss = training_loss(
+    losses = training_loss(
         schedule,
         out,
         x0,
@@ -631,9 +621,16 @@ def _train_step(
         eps,
         prediction=dfc.prediction,
         variance=dfc.variance,
+        objective=dfc.objective,
         vlb_weight=tc.vlb_weight,
+        min_snr_gamma=tc.min_snr_gamma,
         decoder=decoder,
-    ).mean()
+    )
+    if timesteps is not None:
+        if bool(torch.isfinite(losses).all()):  # a NaN in the history would poison p(t)
+            timesteps.update(t, losses)
+        losses = losses * weight
+    loss = losses.mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
@@ -718,20 +715,24 @@ def _update_bar(bar, step: int, loss: float, elapsed: float, by_time: bool) -> N
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
 
-def _training_state(model, ema, optimizer, order: DataOrder, noise_gen) -> tuple[dict, dict]:
+def _training_state(
+    model, ema, optimizer, order: DataOrder, noise_gen, timesteps=None
+) -> tuple[dict, dict]:
     optim_tensors, optim_structure = optimizer_state_to_flat(optimizer.state_dict())
     order_tensors, order_info = order.state()
     train_state = {f"optim.{k}": v for k, v in optim_tensors.items()}
     train_state.update(order_tensors)
     train_state["rng.torch"] = torch.get_rng_state()
     train_state["rng.noise"] = noise_gen.get_state()
+    if timesteps is not None:
+        train_state.update({f"importance.{k}": v for k, v in timesteps.state_dict().items()})
     tensors = {"model": model.state_dict(), "ema": ema.state_dict(), "train_state": train_state}
     meta = {"optimizer": optim_structure, "data_order": order_info}
     return tensors, meta
 
 
 def _restore(
-    ckpt: Checkpoint, model, ema, optimizer, order: DataOrder, noise_gen
+    ckpt: Checkpoint, model, ema, optimizer, order: DataOrder, noise_gen, timesteps=None
 ) -> tuple[int, float]:
     _load_weights(model, ckpt.tensors["model"], "model")
     _load_weights(ema, ckpt.tensors["ema"], "EMA")
@@ -742,6 +743,11 @@ def _restore(
         order.restore(state, ckpt.meta["data_order"])
         torch.set_rng_state(state["rng.torch"])
         noise_gen.set_state(state["rng.noise"])
+        if timesteps is not None:
+            prefix = "importance."
+            timesteps.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            )
     except (KeyError, ValueError, RuntimeError) as err:
         if isinstance(err, ConfigError):
             raise
@@ -788,14 +794,18 @@ def sample_run(
     out_dir: str | Path | None = None,
     trajectory: bool = False,
     progress: bool = True,
+    **sample_options,
 ) -> SampleResult:
     """Draw samples from a trained run and write ``<out_dir>/step_XXXXXXX_seedS.png`` (grid or scatter)
     and ``.npz`` (``x0`` float32 as sampled; for images also ``images``, uint8 [N, H, W, C]), plus, with
     ``trajectory``, a picture of the reverse process. Unset options come from the run's [sample] config;
-    ``out_dir`` defaults to RUN/generated."""
-    given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema}
+    ``out_dir`` defaults to RUN/generated. ``sample_options`` override other [sample] keys (sampler,
+    grid, eta, order, clip_x0, dynamic_threshold); None leaves a key as the run has it."""
+    given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, **sample_options}
     run_config = load_run_config(run_dir)
-    sc = dataclasses.replace(run_config.sample, **{k: v for k, v in given.items() if v is not None})
+    sc = merge_config(
+        run_config, {"sample": {k: v for k, v in given.items() if v is not None}}, "sample options"
+    ).sample
     model, config, ckpt = load_run_model(run_dir, use_ema=sc.use_ema)
     schedule = build_schedule(config.diffusion)
     T = schedule.num_timesteps
@@ -803,7 +813,8 @@ def sample_run(
     if num_steps > T:
         raise ConfigError(f"steps must be at most T={T}, got {num_steps}")
     shape = tuple(ckpt.meta["data"]["sample_shape"])
-    kept = evenly_spaced_timesteps(T, num_steps)
+    grid = sc.grid or DEFAULT_GRIDS[sc.sampler]
+    kept = timestep_grid(schedule, num_steps, grid) if num_steps < T else torch.arange(T)
     record = sorted(
         set(np.linspace(0, num_steps - 1, min(num_steps, 9)).round().astype(int).tolist())
     )
@@ -821,7 +832,8 @@ def sample_run(
         progress=progress,
     )
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
-    stem = f"step_{ckpt.step:07d}_seed{sc.seed}" + ("" if sc.use_ema else "_raw")
+    how = "" if sc.sampler == "ancestral" else f"_{sc.sampler}{num_steps}"
+    stem = f"step_{ckpt.step:07d}_seed{sc.seed}{how}" + ("" if sc.use_ema else "_raw")
     x0 = out.x0.float().cpu()
     arrays = {"x0": x0.numpy()}
     if x0.ndim == 4:
