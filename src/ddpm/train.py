@@ -607,11 +607,19 @@ def _train(
     model.train()
     try:
         with _StopOnInterrupt() as stop:
+
+            def stop_flags() -> tuple[bool, bool, bool]:  # (deadline passed, SIGINT, SIGTERM)
+                late = deadline is not None and time.monotonic() >= deadline
+                sigint = stop.requested and stop.signum == signal.SIGINT
+                return late, sigint, stop.requested and not sigint
+
             while True:
                 now = time.monotonic()
                 if target is not None and step >= target:
                     stopped_by = "steps"
                     break
+                if not d.enabled:  # one process: a signal during step k stops after step k
+                    pending_stop, signum = _stop_reason(stop_flags(), signum)
                 if pending_stop is not None:
                     stopped_by = pending_stop
                     break
@@ -620,19 +628,11 @@ def _train(
                 loss, grad_norm = _train_step(
                     ddp_model, optimizer, schedule, x0, noise_gen, lr, config, decoder, shard=shard
                 )
-                # Deadline and signals are decided together with the loss, so that all ranks stop
-                # at the same step and skip the same updates.
-                flags = (
-                    deadline is not None and time.monotonic() >= deadline,
-                    stop.requested and stop.signum == signal.SIGINT,
-                    stop.requested and stop.signum != signal.SIGINT,
-                )
-                loss, (late, sigint, sigterm) = distributed.mean_and_flags(d, loss, flags)
-                if sigint or sigterm:
-                    pending_stop = "interrupt"
-                    signum = signal.SIGINT if sigint else signal.SIGTERM
-                elif late:
-                    pending_stop = "minutes"
+                # torchrun: the deadline and signals are decided together with the loss, so that all
+                # ranks skip the same updates and stop at the same step (after the next one).
+                loss, flags = distributed.mean_and_flags(d, loss, stop_flags())
+                if d.enabled:
+                    pending_stop, signum = _stop_reason(flags, signum)
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     optimizer.step()
                     crash_point("train.step")
@@ -711,6 +711,14 @@ def _train(
         what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
         raise Interrupted(f"{what} at step {step}; checkpoint saved in {last_saved}", signum)
     return result
+
+
+def _stop_reason(flags: tuple[bool, bool, bool], signum: int) -> tuple[str | None, int]:
+    """(why training stops, or None; the signal) from (deadline passed, SIGINT, SIGTERM)."""
+    late, sigint, sigterm = flags
+    if sigint or sigterm:
+        return "interrupt", signal.SIGINT if sigint else signal.SIGTERM
+    return ("minutes" if late else None), signum
 
 
 def _step_of(path: Path) -> int:
