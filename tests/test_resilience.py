@@ -24,65 +24,8 @@ import ddpm.checkpoint
 import ddpm.train
 from ddpm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from ddpm.cli import main
-from ddpm.config import (
-    DataConfig,
-    DiffusionConfig,
-    ModelConfig,
-    RunConfig,
-    SampleConfig,
-    TrainConfig,
-)
 from ddpm.errors import DivergedError
 from ddpm.train import train
-
-# 2-D points and a small MLP: a step is a fraction of a millisecond, and the data need no sklearn.
-POINTS_TOML = """\
-[data]
-name = "8gaussians"
-num_points = 256
-
-[model]
-hidden = 32
-num_layers = 2
-
-[diffusion]
-num_timesteps = 100
-
-[train]
-batch_size = 32
-warmup_steps = 2
-log_every = 1
-sample_every = 0
-sample_steps = 4
-checkpoint_every = 2
-keep_checkpoints = 2
-tensorboard = false
-
-[sample]
-num = 16
-steps = 4
-"""
-
-
-def points_config(**train_options) -> RunConfig:
-    """The run POINTS_TOML describes, with train options replaced."""
-    train_values = dict(
-        batch_size=32,
-        warmup_steps=2,
-        log_every=1,
-        sample_every=0,
-        sample_steps=4,
-        checkpoint_every=2,
-        keep_checkpoints=2,
-        tensorboard=False,
-    )
-    return RunConfig(
-        data=DataConfig(name="8gaussians", num_points=256),
-        model=ModelConfig(hidden=32, num_layers=2),
-        diffusion=DiffusionConfig(num_timesteps=100),
-        train=TrainConfig(**{**train_values, **train_options}),
-        sample=SampleConfig(num=16, steps=4),
-    )
 
 
 def assert_same_weights(run_a: Path, run_b: Path) -> None:
@@ -108,13 +51,6 @@ def run_cli(args: list[str], cwd: Path, crash: str | None = None) -> subprocess.
 
 
 @pytest.fixture
-def points_toml(tmp_path) -> Path:
-    path = tmp_path / "points.toml"
-    path.write_text(POINTS_TOML)
-    return path
-
-
-@pytest.fixture
 def fresh_crash_counts(monkeypatch):
     """In-process crash injection counts from zero in every test."""
     monkeypatch.setattr(ddpm.checkpoint, "_crash_counts", {})
@@ -126,11 +62,11 @@ def fresh_crash_counts(monkeypatch):
 
 
 def test_run_killed_at_random_moments_and_resumed_ends_bitwise_equal_to_an_uninterrupted_one(
-    tmp_path, points_toml
+    tmp_path, points_toml, make_points_config
 ):
     steps = 12
     straight = tmp_path / "straight"
-    train(points_config(steps=steps), straight, progress=False, verbose=False)
+    train(make_points_config(steps=steps), straight, progress=False, verbose=False)
 
     rng = random.Random(6)  # the kill points: seeded, so a failure can be replayed
     kills = [
@@ -156,7 +92,7 @@ def test_run_killed_at_random_moments_and_resumed_ends_bitwise_equal_to_an_unint
             load_checkpoint(path)
     assert 0 < latest_checkpoint(run).step < steps
     # The last resume in this process (the same code as `ddpm train`, without a fourth start-up).
-    train(points_config(steps=steps), run, progress=False, verbose=False)
+    train(make_points_config(steps=steps), run, progress=False, verbose=False)
     assert_same_weights(straight, run)
 
 
@@ -174,12 +110,12 @@ def test_sigint_and_sigterm_finish_the_step_write_a_checkpoint_and_exit_with_the
 
 
 def test_resume_skips_a_truncated_newest_checkpoint_in_one_line_and_uses_the_previous(
-    tmp_path, points_toml, capsys
+    tmp_path, points_toml, capsys, make_points_config
 ):
     straight = tmp_path / "straight"
-    train(points_config(steps=6), straight, progress=False, verbose=False)
+    train(make_points_config(steps=6), straight, progress=False, verbose=False)
     run = tmp_path / "run"
-    train(points_config(steps=4), run, progress=False, verbose=False)
+    train(make_points_config(steps=4), run, progress=False, verbose=False)
     newest = run / "checkpoints" / "step_0000004" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])
 
@@ -225,10 +161,12 @@ def _state_at(run: Path, step: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_a_nan_loss_skips_its_update_and_is_counted_and_reported(tmp_path, nan_at):
+def test_a_nan_loss_skips_its_update_and_is_counted_and_reported(
+    tmp_path, nan_at, make_points_config
+):
     nan_at({4})
     run = tmp_path / "run"
-    config = points_config(steps=5, checkpoint_every=1, keep_checkpoints=5)
+    config = make_points_config(steps=5, checkpoint_every=1, keep_checkpoints=5)
     with pytest.warns(RuntimeWarning, match=r"step 4: non-finite loss nan .* update skipped"):
         result = train(config, run, progress=False, verbose=False)
     assert (result.step, result.skipped) == (5, 1)
@@ -238,10 +176,12 @@ def test_a_nan_loss_skips_its_update_and_is_counted_and_reported(tmp_path, nan_a
     assert latest_checkpoint(run).meta["nonfinite"] == {"skipped": 1, "streak": 0}
 
 
-def test_k_nan_losses_in_a_row_stop_the_run_with_the_last_checkpoint_intact(tmp_path, nan_at):
+def test_k_nan_losses_in_a_row_stop_the_run_with_the_last_checkpoint_intact(
+    tmp_path, nan_at, make_points_config
+):
     nan_at(set(range(4, 100)))
     run = tmp_path / "run"
-    config = points_config(steps=50, checkpoint_every=2, max_nonfinite=3)
+    config = make_points_config(steps=50, checkpoint_every=2, max_nonfinite=3)
     with pytest.warns(RuntimeWarning), pytest.raises(DivergedError, match="3 non-finite losses"):
         train(config, run, progress=False, verbose=False)
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]
@@ -277,9 +217,9 @@ class _RunsCode:
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory) -> Path:
+def small_run(tmp_path_factory, make_points_config) -> Path:
     run = tmp_path_factory.mktemp("small") / "run"
-    train(points_config(steps=2), run, progress=False, verbose=False)
+    train(make_points_config(steps=2), run, progress=False, verbose=False)
     return run
 
 
@@ -313,10 +253,10 @@ def test_a_pickle_offered_as_the_run_is_refused_without_running_it(tmp_path, cap
     assert not marker.exists()
 
 
-def test_resuming_keeps_the_nan_counter_of_the_run(tmp_path, nan_at):
+def test_resuming_keeps_the_nan_counter_of_the_run(tmp_path, nan_at, make_points_config):
     nan_at({2})
     run = tmp_path / "run"
     with pytest.warns(RuntimeWarning):
-        train(points_config(steps=2), run, progress=False, verbose=False)
-    result = train(points_config(steps=3), run, progress=False, verbose=False)
+        train(make_points_config(steps=2), run, progress=False, verbose=False)
+    result = train(make_points_config(steps=3), run, progress=False, verbose=False)
     assert result.skipped == 1
