@@ -111,3 +111,9 @@ def test_the_ranks_split_the_global_batch_into_disjoint_equal_shares():
     rows = [list(range(32))[Dist(rank, 4).shard(32)] for rank in range(4)]
     assert rows == [list(range(8 * r, 8 * r + 8)) for r in range(4)]
     assert Dist().shard(32) == slice(0, 32)
+
+
+def test_the_backend_follows_the_training_device():
+    from ddpm.distributed import backend_for
+
+    assert (backend_for("cpu"), backend_for("cuda:1")) == ("gloo", "nccl")

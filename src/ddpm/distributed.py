@@ -2,8 +2,8 @@
 
 ``torchrun --nproc_per_node=N -m ddpm train ...`` starts N processes with WORLD_SIZE, RANK, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT in their environment. ``setup()`` reads them and joins the process group
-(NCCL when CUDA is available, else gloo); without WORLD_SIZE > 1 it does nothing and training runs in
-one process as usual.
+with the backend of the training device (NCCL for CUDA, gloo for the CPU; the trainer runs on the CPU
+today, so gloo); without WORLD_SIZE > 1 it does nothing and training runs in one process as usual.
 
 The split that makes N processes compute the one-process step: every rank draws the *global* batch
 (data indices, t, eps) from identically seeded generators and keeps the rows
@@ -29,6 +29,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # True if setup() created the process group (and teardown ends it)
+    device: str = "cpu"  # where the tensors that are all-reduced live
 
     @property
     def is_main(self) -> bool:
@@ -49,23 +50,29 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def setup() -> Dist:
-    """Join the process group torchrun describes in the environment, or return the one-process Dist."""
+def backend_for(device: str) -> str:
+    """NCCL for tensors on CUDA devices, gloo for tensors in CPU memory."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def setup(device: str = "cpu") -> Dist:
+    """Join the process group torchrun describes in the environment, or return the one-process Dist.
+
+    ``device``: where training runs ("cpu", or "cuda" for this rank's LOCAL_RANK GPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world_size <= 1:
         return Dist()
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
     owns = False
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
+        dist.init_process_group(backend_for(device))
         owns = True
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns, device)
 
 
 def teardown(d: Dist) -> None:
@@ -82,7 +89,7 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    if torch.cuda.is_available():
+    if torch.device(d.device).type == "cuda":
         return DistributedDataParallel(model, device_ids=[d.local_rank])
     return DistributedDataParallel(model)
 
@@ -104,9 +111,8 @@ def mean_and_flags(
         return value, flags
     import torch.distributed as dist
 
-    device = torch.device("cuda", d.local_rank) if torch.cuda.is_available() else None
     buf = torch.tensor(
-        [value / d.world_size, *map(float, flags)], dtype=torch.float64, device=device
+        [value / d.world_size, *map(float, flags)], dtype=torch.float64, device=d.device
     )
     dist.all_reduce(buf)
     return float(buf[0]), tuple(bool(f > 0) for f in buf[1:].tolist())
