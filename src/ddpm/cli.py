@@ -191,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="wall-clock minutes for this call",
     )
-    opt("--batch-size", dest="train.batch_size", type=int, metavar="B")
+    opt(
+        "--batch-size",
+        dest="train.batch_size",
+        type=int,
+        metavar="B",
+        help="global batch (torchrun: split over processes)",
+    )
     opt("--lr", dest="train.lr", type=float, metavar="LR")
     opt("--ema-decay", dest="train.ema_decay", type=float, metavar="D")
     opt(
