@@ -392,6 +392,7 @@ def test_full_disk_is_one_line_and_leaves_no_half_written_checkpoint(tmp_path, p
     args = ["train", "--config", str(points_toml), "--steps", "2", "--run-dir", str(run), "-q"]
     proc = _cli(args, tmp_path, preexec=small_files)
     assert_one_line(proc.stderr, proc.returncode, Row(None, 1, "file size limit reached"))
+    assert proc.stderr.strip().endswith(str(run / "checkpoints" / "step_0000002"))
     assert list_checkpoints(run) == []
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
     json.loads((run / "config.json").read_text())  # what was written is whole

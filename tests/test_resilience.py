@@ -130,6 +130,17 @@ def test_resume_skips_a_truncated_newest_checkpoint_in_one_line_and_uses_the_pre
     assert_same_weights(straight, run)
 
 
+def test_a_log_row_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, make_points_config):
+    run = tmp_path / "run"
+    train(make_points_config(steps=10), run, progress=False, verbose=False)
+    with open(run / "log.csv", "a") as f:
+        f.write("1")  # the row "11,..." was being written when the process died
+    train(make_points_config(steps=12), run, progress=False, verbose=False)
+    rows = (run / "log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 13))
+    assert all(len(r.split(",")) == 6 for r in rows)
+
+
 # --------------------------------------------------------------------------------------------------
 # non-finite losses
 # --------------------------------------------------------------------------------------------------

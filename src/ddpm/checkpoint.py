@@ -88,6 +88,13 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _naming(err: OSError, path: Path) -> OSError:
+    """The error, naming the file being written if it does not (a failed write(): disk full, ...)."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror, str(path))
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write data to path via a temporary file in the same directory, fsync, and os.replace."""
     path = Path(path)
@@ -96,6 +103,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         _write_synced(tmp, data)
         os.replace(tmp, path)
+    except OSError as err:
+        raise _naming(err, path) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -232,6 +241,8 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync_dir(parent)
+    except OSError as err:
+        raise _naming(err, final) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

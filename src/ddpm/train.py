@@ -359,13 +359,14 @@ def _prepare_log(path: Path, step: int) -> None:
     if not path.exists():
         atomic_write_bytes(path, (",".join(LOG_COLUMNS) + "\n").encode())
         return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    original = path.read_text()
+    # A row cut short by a crash or a full disk (no newline, or too few fields) is dropped, and so
+    # are the rows written after the checkpoint training resumes from.
+    rows = list(csv.reader(original[: original.rfind("\n") + 1].splitlines()))
     kept = [rows[0]] if rows else [list(LOG_COLUMNS)]
-    # A row cut short by a crash (fewer fields) is dropped with the rows after the checkpoint.
     kept += [r for r in rows[1:] if len(r) == len(kept[0]) and _row_step(r) <= step]
-    if len(kept) != len(rows):
-        text = "".join(",".join(r) + "\n" for r in kept)
+    text = "".join(",".join(r) + "\n" for r in kept)
+    if text != original:
         atomic_write_bytes(path, text.encode())
 
 
