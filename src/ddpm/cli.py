@@ -264,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.func(args)
         except KeyboardInterrupt as err:  # training raises it with "interrupted at step N; ..."
-            print(f"ddpm: {_one_line(err) if str(err) else 'interrupted'}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+                print(f"ddpm: {_one_line(err) if str(err) else 'interrupted'}", file=sys.stderr)
             return 128 + getattr(err, "signum", EXIT_INTERRUPTED - 128)
         except DDPMError as err:
             print(f"ddpm: error: {_one_line(err)}", file=sys.stderr)
