@@ -30,9 +30,10 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         **os.environ,
         "PYTHONWARNINGS": "ignore",
         "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",  # loopback only: no network needed
         "MASTER_ADDR": "127.0.0.1",
     }
+    if sys.platform == "linux":
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only: no network needed
     return subprocess.run(
         [*cmd, "-m", "ddpm", *args], cwd=cwd, capture_output=True, text=True, timeout=240, env=env
     )
