@@ -24,13 +24,14 @@ pytestmark = pytest.mark.skipif(
 STEPS = 10
 
 
-def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {
         **os.environ,
         "PYTHONWARNINGS": "ignore",
         "OMP_NUM_THREADS": "1",
         "MASTER_ADDR": "127.0.0.1",
+        **extra_env,
     }
     if sys.platform == "linux":
         env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only: no network needed
@@ -94,6 +95,19 @@ def test_resume_under_torchrun_continues_a_one_process_run(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(run)] == [5, 10]
     assert_close_weights(single_process_run, run)
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(
+    points_toml, tmp_path
+):
+    # As when torchrun passes a preemption's SIGTERM on to its workers: each gets it during step 3.
+    run = tmp_path / "run"
+    args = ["train", "--config", str(points_toml), "--steps", "1000", "--run-dir", str(run), "-q"]
+    proc = torchrun(args, cwd=tmp_path, DDPM_TEST_CRASH="train.step:3:TERM")
+    assert proc.returncode != 0  # torchrun reports workers that exit with 143 as failed
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ddpm:")]
+    assert len(lines) == 1 and "terminated (SIGTERM) at step 4" in lines[0], lines
+    assert [s for s, _ in list_checkpoints(run)] == [4]  # the ranks agreed on the step
 
 
 def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(
