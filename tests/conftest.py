@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.config import DiffusionConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from ddpm.config import (
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+)
 
 # A shrunken tiny U-Net and a short chain: each training step takes milliseconds on 2 cores.
 FAST_MODEL = {"preset": "tiny", "base_channels": 16}
@@ -69,3 +76,65 @@ def trained_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("trained") / "digits"
     train(fast_config(steps=30), run, progress=False, verbose=False)
     return run
+
+
+# 2-D points and a small MLP: a step is a fraction of a millisecond, and the data need no sklearn.
+POINTS_TOML = """\
+[data]
+name = "8gaussians"
+num_points = 256
+
+[model]
+hidden = 32
+num_layers = 2
+
+[diffusion]
+num_timesteps = 100
+
+[train]
+batch_size = 32
+warmup_steps = 2
+log_every = 1
+sample_every = 0
+sample_steps = 4
+checkpoint_every = 2
+keep_checkpoints = 2
+tensorboard = false
+
+[sample]
+num = 16
+steps = 4
+"""
+
+
+def points_run_config(**train_options) -> RunConfig:
+    """The run POINTS_TOML describes, with train options replaced."""
+    train_values = dict(
+        batch_size=32,
+        warmup_steps=2,
+        log_every=1,
+        sample_every=0,
+        sample_steps=4,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        tensorboard=False,
+    )
+    return RunConfig(
+        data=DataConfig(name="8gaussians", num_points=256),
+        model=ModelConfig(hidden=32, num_layers=2),
+        diffusion=DiffusionConfig(num_timesteps=100),
+        train=TrainConfig(**{**train_values, **train_options}),
+        sample=SampleConfig(num=16, steps=4),
+    )
+
+
+@pytest.fixture
+def points_toml(tmp_path) -> Path:
+    path = tmp_path / "points.toml"
+    path.write_text(POINTS_TOML)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_points_config():
+    return points_run_config

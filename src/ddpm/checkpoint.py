@@ -54,11 +54,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Crash injection, for the tests of crash safety only: DDPM_TEST_CRASH="<point>:<n>[:<signal>]" sends
+# the signal (default KILL) to this process the n-th time it reaches <point>:
+#   checkpoint.write   half of a file written (a checkpoint's tensors or meta.json, config.json, ...)
+#   checkpoint.rename  every file of a checkpoint written, the directory not yet renamed into place
+#   checkpoint.prune   the new checkpoint in place, older ones not yet deleted
+#   train.step         the optimizer has stepped; the EMA and the step count not yet
+# Unset, it costs one environment lookup.
+CRASH_ENV = "DDPM_TEST_CRASH"
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(point: str) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec or not spec.startswith(point + ":"):
+        return
+    n, _, signame = spec[len(point) + 1 :].partition(":")
+    _crash_counts[point] = _crash_counts.get(point, 0) + 1
+    if _crash_counts[point] == int(n):
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, f"SIG{signame or 'KILL'}"))
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
-        f.write(data)
+        half = len(data) // 2
+        f.write(data[:half])
+        f.flush()
+        crash_point("checkpoint.write")
+        f.write(data[half:])
         f.flush()
         os.fsync(f.fileno())
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """The error, naming the file being written if it does not (a failed write(): disk full, ...)."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -69,6 +103,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         _write_synced(tmp, data)
         os.replace(tmp, path)
+    except OSError as err:
+        raise _naming(err, path) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -194,6 +230,7 @@ def save_checkpoint(
         record.update(meta or {})
         _write_synced(tmp / META_FILE, (json.dumps(record, indent=2) + "\n").encode())
         _fsync_dir(tmp)
+        crash_point("checkpoint.rename")
         if (
             final.exists()
         ):  # re-saving a step: move the old one aside first (rename onto a dir fails)
@@ -204,9 +241,12 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync_dir(parent)
+    except OSError as err:
+        raise _naming(err, final) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    crash_point("checkpoint.prune")
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final

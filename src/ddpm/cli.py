@@ -2,13 +2,14 @@
 
 Each subcommand turns its arguments into a call of one library function. Every user-facing failure is
 printed as a single line ``ddpm: error: <message>`` on stderr and exits with the error's code (see
-``ddpm.errors``); Ctrl-C exits with 130 after training has written a checkpoint. Set DDPM_DEBUG=1 to
-get the traceback of an unexpected error.
+``ddpm.errors``); Ctrl-C exits with 130 and SIGTERM with 143 after training has written a checkpoint.
+Set DDPM_DEBUG=1 to get the traceback of an unexpected error.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -17,7 +18,10 @@ from pathlib import Path
 
 from ddpm.errors import DDPMError
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; training stopped by SIGTERM exits with 128 + 15 = 143
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,10 +55,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from ddpm.distributed import env_rank
     from ddpm.train import prepare_run, train
 
     config, run_dir = prepare_run(_overrides(args), config_file=args.config, run_dir=args.run_dir)
     result = train(config, run_dir, progress=not args.quiet, verbose=not args.quiet)
+    if env_rank() != 0:  # under torchrun only rank 0 reports
+        return 0
     print(f"run:        {result.run_dir} (step {result.step})")
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.samples}")
@@ -230,7 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="wall-clock minutes for this call",
     )
-    opt("--batch-size", dest="train.batch_size", type=int, metavar="B")
+    opt(
+        "--batch-size",
+        dest="train.batch_size",
+        type=int,
+        metavar="B",
+        help="global batch (torchrun: split over processes)",
+    )
     opt("--lr", dest="train.lr", type=float, metavar="LR")
     opt("--ema-decay", dest="train.ema_decay", type=float, metavar="D")
     opt(
@@ -317,8 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.func(args)
         except KeyboardInterrupt as err:  # training raises it with "interrupted at step N; ..."
-            print(f"ddpm: {_one_line(err) if str(err) else 'interrupted'}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+                print(f"ddpm: {_one_line(err) if str(err) else 'interrupted'}", file=sys.stderr)
+            return 128 + getattr(err, "signum", EXIT_INTERRUPTED - 128)
         except DDPMError as err:
             print(f"ddpm: error: {_one_line(err)}", file=sys.stderr)
             return err.exit_code
@@ -331,7 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if debug:
                 raise
             where = f": {err.filename}" if err.filename else ""
-            print(f"ddpm: error: {_one_line(err.strerror or err)}{where}", file=sys.stderr)
+            what = _one_line(err.strerror or err)
+            if err.errno in _DISK_FULL:
+                what = f"disk full or file size limit reached ({what})"
+            print(f"ddpm: error: {what}{where}", file=sys.stderr)
             return 1
         except Exception as err:  # a bug: still one line, with a way to get the traceback
             if debug:

@@ -201,6 +201,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 3
     tensorboard: bool = True
+    max_nonfinite: int = 10  # non-finite losses in a row (each skips its update) that stop the run
 
     def __post_init__(self) -> None:
         _positive_int("steps", self.steps, allow_none=True)
@@ -222,6 +223,7 @@ class TrainConfig:
         _positive_int("sample_steps", self.sample_steps)
         _positive_int("checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive_int("keep_checkpoints", self.keep_checkpoints)
+        _positive_int("max_nonfinite", self.max_nonfinite)
 
 
 @dataclass(frozen=True)

@@ -35,3 +35,9 @@ class CheckpointError(DDPMError):
     """A checkpoint that is missing, corrupt, or not in the safe format."""
 
     exit_code = 5
+
+
+class DivergedError(DDPMError):
+    """Training stopped after too many consecutive non-finite (NaN / inf) losses."""
+
+    exit_code = 6

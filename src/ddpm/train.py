@@ -39,10 +39,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm import viz
+from ddpm import distributed, viz
 from ddpm.checkpoint import (
     Checkpoint,
     atomic_write_bytes,
+    checkpoint_dir,
+    crash_point,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -56,14 +58,12 @@ from ddpm.config import (
     DiffusionConfig,
     ModelConfig,
     RunConfig,
-    load_config,
     merge_config,
     resolve_config,
-    save_config,
 )
 from ddpm.data import load_dataset
 from ddpm.diffusion import q_sample
-from ddpm.errors import ConfigError, DDPMError, RunDirError
+from ddpm.errors import ConfigError, DDPMError, DivergedError, RunDirError
 from ddpm.losses import ImportanceSampler, training_loss
 from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet, count_parameters
 from ddpm.samplers import DEFAULT_GRIDS, sample, timestep_grid
@@ -72,6 +72,10 @@ from ddpm.schedules import NoiseSchedule
 Tensor = torch.Tensor
 
 CONFIG_FILE = "config.json"
+# The layout of a run directory, saved in its config.json: a run written by a ddpm with another format is
+# refused rather than misread. Runs from before the key existed are format 1.
+RUN_FORMAT_KEY = "run_format"
+RUN_FORMAT_VERSION = 1
 LOG_FILE = "log.csv"
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
 # A registry of network classes by a short key, stored in checkpoints (never an import path).
@@ -234,26 +238,40 @@ def _say(msg: str, verbose: bool) -> None:
         tqdm.write(msg, file=sys.stderr)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM after writing a checkpoint; ``signum`` says
+    which. The CLI exits with 128 + signum: 130 for SIGINT, 143 for SIGTERM (the shell convention)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
 class _StopOnInterrupt:
-    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+    """First SIGINT (Ctrl-C) or SIGTERM: finish the current step, checkpoint, stop. A second one: stop at
+    once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum = signal.SIGINT
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def __enter__(self) -> _StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,9 +288,26 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a ddpm run directory (no {CONFIG_FILE})")
     try:
-        return load_config(path)
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunDirError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: not a ddpm run configuration")
+    version = data.pop(RUN_FORMAT_KEY, 1)
+    if version != RUN_FORMAT_VERSION:
+        raise RunDirError(
+            f"{run_dir} is a run directory of format {version!r}, this ddpm reads format "
+            f"{RUN_FORMAT_VERSION}; use the ddpm version that wrote it, or a new --run-dir"
+        )
+    try:
+        return RunConfig.from_dict(data, str(path))
     except ConfigError as err:
         raise RunDirError(f"{path}: {err}") from None
+
+
+def _save_run_config(config: RunConfig, path: Path) -> None:
+    record = {RUN_FORMAT_KEY: RUN_FORMAT_VERSION, **config.to_dict()}
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def _check_same_run(saved: RunConfig, new: RunConfig, run_dir: Path) -> None:
@@ -292,13 +327,22 @@ def _prepare_log(path: Path, step: int) -> None:
     if not path.exists():
         atomic_write_bytes(path, (",".join(LOG_COLUMNS) + "\n").encode())
         return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    original = path.read_text()
+    # A row cut short by a crash or a full disk (no newline, or too few fields) is dropped, and so
+    # are the rows written after the checkpoint training resumes from.
+    rows = list(csv.reader(original[: original.rfind("\n") + 1].splitlines()))
     kept = [rows[0]] if rows else [list(LOG_COLUMNS)]
-    kept += [r for r in rows[1:] if r and int(float(r[0])) <= step]
-    if len(kept) != len(rows):
-        text = "".join(",".join(r) + "\n" for r in kept)
+    kept += [r for r in rows[1:] if len(r) == len(kept[0]) and _row_step(r) <= step]
+    text = "".join(",".join(r) + "\n" for r in kept)
+    if text != original:
         atomic_write_bytes(path, text.encode())
+
+
+def _row_step(row: list[str]) -> float:
+    try:
+        return float(row[0])
+    except ValueError:
+        return math.inf
 
 
 class _TensorBoard:
@@ -340,6 +384,7 @@ class TrainResult(NamedTuple):
     checkpoint: Path | None
     samples: Path | None
     stopped_by: str  # "steps", "minutes" or "interrupt"
+    skipped: int = 0  # updates skipped for a non-finite loss, in the whole run
 
 
 def _draw(
@@ -395,7 +440,26 @@ def train(
     ``train.minutes`` is wall-clock minutes for this call; whichever comes first stops training. At the
     end a checkpoint is written and samples are drawn as ``[sample]`` says (by default 64 images with
     the full chain of T steps, seed 0: the same picture ``sample_run`` draws). On the first Ctrl-C the current step finishes,
-    a checkpoint is written, and KeyboardInterrupt is raised."""
+    a checkpoint is written, and KeyboardInterrupt is raised (``Interrupted``; SIGTERM likewise).
+
+    A non-finite loss (or gradient norm) skips its update: weights, optimizer state and EMA are left
+    as they were, the step counts, and a warning says so; ``train.max_nonfinite`` in a row stop the run
+    with ``DivergedError``, without writing a checkpoint.
+
+    Under ``torchrun`` (WORLD_SIZE > 1 in the environment) this is one rank of data-parallel training
+    (see ``ddpm.distributed``): ``train.batch_size`` is the global batch, each rank computes its share,
+    and only rank 0 writes files or prints."""
+    d = distributed.setup()
+    try:
+        return _train(config, run_dir, progress=progress, verbose=verbose, d=d)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(
+    config: RunConfig, run_dir: str | Path, *, progress: bool, verbose: bool, d: distributed.Dist
+) -> TrainResult:
+    progress, verbose = progress and d.is_main, verbose and d.is_main
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG_FILE
     if run_dir.exists() and not run_dir.is_dir():
@@ -419,6 +483,11 @@ def train(
     if cfg_path.is_file():
         _check_same_run(load_run_config(run_dir), config, run_dir)
     tc, dfc = config.train, config.diffusion
+    if tc.batch_size % d.world_size:
+        raise ConfigError(
+            f"batch_size {tc.batch_size} (the global batch) is not divisible by the "
+            f"{d.world_size} processes"
+        )
 
     if tc.bf16 and not _native_bf16():
         warnings.warn(
@@ -444,14 +513,22 @@ def train(
     num_params = count_parameters(model)
 
     step, elapsed_before, last_saved = 0, 0.0, None
+    skipped, streak = 0, 0  # non-finite losses: in the whole run, in a row
     resumed = latest_checkpoint(run_dir) if cfg_path.is_file() else None
     if resumed is not None:
         step, elapsed_before = _restore(resumed, model, ema, optimizer, order, noise_gen, timesteps)
+        skipped = int(resumed.meta.get("nonfinite", {}).get("skipped", 0))
+        streak = int(resumed.meta.get("nonfinite", {}).get("streak", 0))
         last_saved = resumed.path
         _say(f"resuming {run_dir} from step {step} ({resumed.path.name})", verbose)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, cfg_path)
-    _prepare_log(run_dir / LOG_FILE, step)
+    # Every rank has read the run directory; from here on only rank 0 writes to it.
+    distributed.barrier(d)
+    ddp_model = distributed.wrap(model, d)  # after the restore: every rank starts from one state
+    shard = d.shard(tc.batch_size) if d.enabled else None
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _save_run_config(config, cfg_path)
+        _prepare_log(run_dir / LOG_FILE, step)
     _say(
         f"data: {dc.name} ({len(dataset)} x {'x'.join(map(str, sample_shape))}); model: {config.model.preset} "
         f"({num_params / 1e6:.2f}M parameters); {dfc.schedule} schedule, T={dfc.num_timesteps}",
@@ -467,10 +544,15 @@ def train(
             model={"arch": _arch_of(model), "config": model.config, "num_parameters": num_params},
             data={"name": dc.name, "kind": dataset.kind, "sample_shape": list(sample_shape)},
             config=config.to_dict(),
+            nonfinite={"skipped": skipped, "streak": streak},
         )
+        if not d.is_main:
+            return checkpoint_dir(run_dir, at_step)
         return save_checkpoint(run_dir, at_step, tensors, meta, keep=tc.keep_checkpoints)
 
-    def preview(at_step: int, final: bool = False) -> Path:
+    def preview(at_step: int, final: bool = False) -> Path | None:
+        if not d.is_main:
+            return None
         # Previews: a short respaced chain, the same noise every time (a generator of their own, so
         # training's RNG is untouched). The final picture is what `ddpm sample RUN` draws by default.
         sc = config.sample
@@ -494,33 +576,73 @@ def train(
     deadline = t_start + 60 * tc.minutes if tc.minutes is not None else None
     target = tc.steps
     bar = _progress_bar(progress, start_step, target, tc.minutes)
-    log = _Log(run_dir, tc.batch_size, tc.tensorboard)
+    log = _Log(run_dir if d.is_main else None, tc.batch_size, tc.tensorboard)
     samples_path, stopped_by, lr = None, "steps", tc.lr
+    signum, pending_stop = signal.SIGINT, None
     model.train()
     try:
         with _StopOnInterrupt() as stop:
+
+            def stop_flags() -> tuple[bool, bool, bool]:  # (deadline passed, SIGINT, SIGTERM)
+                late = deadline is not None and time.monotonic() >= deadline
+                sigint = stop.requested and stop.signum == signal.SIGINT
+                return late, sigint, stop.requested and not sigint
+
             while True:
                 now = time.monotonic()
                 if target is not None and step >= target:
                     stopped_by = "steps"
                     break
-                if deadline is not None and now >= deadline:
-                    stopped_by = "minutes"
-                    break
-                if stop.requested:
-                    stopped_by = "interrupt"
+                if not d.enabled:  # one process: a signal during step k stops after step k
+                    pending_stop, signum = _stop_reason(stop_flags(), signum)
+                if pending_stop is not None:
+                    stopped_by = pending_stop
                     break
                 lr = lr_at(step, tc.lr, tc.warmup_steps)
-                x0 = data_x[order.next(tc.batch_size)]
+                x0 = data_x[order.next(tc.batch_size)]  # the global batch; _train_step shards it
                 loss, grad_norm = _train_step(
-                    model, optimizer, schedule, x0, noise_gen, lr, config, decoder, timesteps
+                    ddp_model,
+                    optimizer,
+                    schedule,
+                    x0,
+                    noise_gen,
+                    lr,
+                    config,
+                    decoder,
+                    timesteps,
+                    shard=shard,
                 )
-                if not math.isfinite(loss):
-                    raise DDPMError(f"the loss became {loss} at step {step + 1}; try a lower --lr")
-                ema_update(ema, model, ema_decay_at(step, tc.ema_decay))
+                # torchrun: the deadline and signals are decided together with the loss, so that all
+                # ranks skip the same updates and stop at the same step (after the next one).
+                loss, flags = distributed.mean_and_flags(d, loss, stop_flags())
+                if d.enabled:
+                    pending_stop, signum = _stop_reason(flags, signum)
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    optimizer.step()
+                    crash_point("train.step")
+                    ema_update(ema, model, ema_decay_at(step, tc.ema_decay))
+                    streak = 0
+                    log.add(loss, grad_norm, time.monotonic() - now)
+                else:
+                    # Skipped: weights, optimizer state and EMA stay; the batch and noise are used up.
+                    skipped, streak = skipped + 1, streak + 1
+                    if d.is_main:
+                        warnings.warn(
+                            f"step {step + 1}: non-finite loss {loss} (gradient norm {grad_norm}); "
+                            f"update skipped ({streak} in a row, {skipped} in this run; the run "
+                            f"stops at {tc.max_nonfinite} in a row)",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
                 step += 1
+                if streak >= tc.max_nonfinite:
+                    last = last_saved.name if last_saved is not None else "none yet"
+                    raise DivergedError(
+                        f"training stopped at step {step}: {streak} non-finite losses in a row "
+                        f"(train.max_nonfinite); the last checkpoint ({last}) is intact; "
+                        "try a lower --lr or check the data"
+                    )
 
-                log.add(loss, grad_norm, time.monotonic() - now)
                 if step % tc.log_every == 0:
                     log.write(step, lr, elapsed_before + time.monotonic() - t_start)
                 if tc.sample_every and step % tc.sample_every == 0:
@@ -556,6 +678,7 @@ def train(
         last_saved,
         samples_path,
         stopped_by,
+        skipped,
     )
     if done == 0 and stopped_by == "steps":
         _say(
@@ -569,8 +692,17 @@ def train(
             verbose,
         )
     if stopped_by == "interrupt":
-        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved in {last_saved}")
+        what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+        raise Interrupted(f"{what} at step {step}; checkpoint saved in {last_saved}", signum)
     return result
+
+
+def _stop_reason(flags: tuple[bool, bool, bool], signum: int) -> tuple[str | None, int]:
+    """(why training stops, or None; the signal) from (deadline passed, SIGINT, SIGTERM)."""
+    late, sigint, sigterm = flags
+    if sigint or sigterm:
+        return "interrupt", signal.SIGINT if sigint else signal.SIGTERM
+    return ("minutes" if late else None), signum
 
 
 def _step_of(path: Path) -> int:
@@ -598,8 +730,11 @@ def _train_step(
     config: RunConfig,
     decoder: str,
     timesteps: ImportanceSampler | None = None,
+    shard: slice | None = None,
 ) -> tuple[float, float]:
-    """One update of Algorithm 1 on the minibatch x0; returns (loss, gradient norm before clipping)."""
+    """The gradient of Algorithm 1's loss on the minibatch x0; returns (loss, gradient norm before
+    clipping). The caller takes the optimizer step (or skips it for a non-finite loss). With ``shard``
+    (torchrun), t and eps are drawn for the whole global batch x0 and only those rows are computed."""
     tc, dfc = config.train, config.diffusion
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -609,6 +744,10 @@ def _train_step(
     else:
         t, weight = timesteps.sample(batch, noise_gen)
     eps = draw_noise(x0.shape, noise_gen, tc.offset_noise)
+    t_global = t
+    if shard is not None:  # every rank draws the global batch's t and eps, then takes its rows
+        x0, t, eps = x0[shard], t[shard], eps[shard]
+        weight = weight[shard] if weight is not None else None
     x_t = q_sample(schedule, x0, t, eps)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
         out = model(x_t, schedule.timesteps[t])
@@ -627,28 +766,33 @@ def _train_step(
         decoder=decoder,
     )
     if timesteps is not None:
-        if bool(torch.isfinite(losses).all()):  # a NaN in the history would poison p(t)
-            timesteps.update(t, losses)
+        seen = losses.detach()
+        if shard is not None:
+            # Every rank records the whole batch's losses (shards are consecutive rows in rank
+            # order), so all ranks keep one history and keep drawing the same t.
+            parts = [torch.empty_like(seen) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(parts, seen.contiguous())
+            seen = torch.cat(parts)
+        if bool(torch.isfinite(seen).all()):  # a NaN in the history would poison p(t)
+            timesteps.update(t_global, seen)
         losses = losses * weight
     loss = losses.mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = tc.grad_clip if tc.grad_clip is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    loss_value = float(loss.detach())
-    if math.isfinite(loss_value):  # a NaN step is not taken: the caller stops with an error
-        optimizer.step()
-    return loss_value, grad_norm
+    return float(loss.detach()), grad_norm
 
 
 class _Log:
     """RUN/log.csv and TensorBoard: one row per log window, with the window's mean loss and grad norm."""
 
-    def __init__(self, run_dir: Path, batch_size: int, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path | None, batch_size: int, tensorboard: bool) -> None:
+        """``run_dir`` None (ranks other than 0): keep the numbers, write nothing."""
         self.batch_size = batch_size
-        self.file = open(run_dir / LOG_FILE, "a", newline="")  # closed in close()
-        self.csv = csv.writer(self.file)
-        self.tb = _TensorBoard(run_dir / "tb", tensorboard)
+        self.file = open(run_dir / LOG_FILE, "a", newline="") if run_dir else None  # see close()
+        self.csv = csv.writer(self.file) if self.file else None
+        self.tb = _TensorBoard(Path(run_dir or ".") / "tb", tensorboard and run_dir is not None)
         self.last_loss = math.nan
         self._reset()
 
@@ -674,8 +818,9 @@ class _Log:
             f"{images_per_s:.1f}",
             f"{elapsed_s:.1f}",
         ]
-        self.csv.writerow(row)
-        self.file.flush()
+        if self.csv is not None:
+            self.csv.writerow(row)
+            self.file.flush()
         self.tb.scalars(
             step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "images_per_s": images_per_s}
         )
@@ -683,7 +828,8 @@ class _Log:
         self._reset()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         self.tb.close()
 
 
@@ -709,7 +855,11 @@ def _update_bar(bar, step: int, loss: float, elapsed: float, by_time: bool) -> N
         bar.n = min(bar.total, elapsed)
         rate = (step - bar.initial) / elapsed if elapsed > 0 else 0.0
         bar.set_postfix(step=step, loss=f"{loss:.4f}", it_s=f"{rate:.2f}", refresh=False)
-        bar.refresh()
+        # An explicit refresh ignores tqdm's mininterval: at most twice a second (a log file holding
+        # the output would otherwise get a line per step).
+        if elapsed - getattr(bar, "last_drawn", -1.0) >= 0.5:
+            bar.refresh()
+            bar.last_drawn = elapsed
     else:
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

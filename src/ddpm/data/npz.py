@@ -35,7 +35,15 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             return data[key], y
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise DataError(f"cannot read {path} as .npz: {e}") from e
+        # numpy's own message suggests allow_pickle=True: unpickling can run code, so say why not
+        raise DataError(
+            f"cannot read {path} as .npz: not plain arrays (reading it would need unpickling, "
+            "which can run code; ddpm never unpickles)"
+        ) from e
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read {path} as .npz: {e}") from e
 
 
