@@ -8,7 +8,8 @@ The default 3000 steps take about five minutes on a 2-core laptop CPU; 300 steps
 import sys
 
 from ddpm.config import RunConfig, TrainConfig
-from ddpm.train import sample_run, train
+from ddpm.runs import sample_run
+from ddpm.train import train
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
 run_dir = "runs/quickstart"

@@ -14,17 +14,10 @@ import torch
 from ddpm.checkpoint import latest_checkpoint, list_checkpoints
 from ddpm.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from ddpm.errors import ConfigError, RunDirError
+from ddpm.losses import training_loss
+from ddpm.runs import describe_run, sample_run
 from ddpm.schedules import NoiseSchedule
-from ddpm.train import (
-    DataOrder,
-    describe_run,
-    ema_decay_at,
-    ema_update,
-    lr_at,
-    sample_run,
-    train,
-    training_loss,
-)
+from ddpm.train import DataOrder, ema_decay_at, ema_update, lr_at, train
 
 
 def _log_rows(run):

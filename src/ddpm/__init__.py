@@ -45,6 +45,7 @@ _LAZY = {
     "build_unet": "ddpm.nets",
     "load_dataset": "ddpm.data",
     "train": "ddpm.train",
+    "sample_run": "ddpm.runs",
     "RunConfig": "ddpm.config",
 }
 

@@ -69,7 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from ddpm.train import sample_run
+    from ddpm.runs import sample_run
 
     result = sample_run(
         args.run,
@@ -95,7 +95,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ddpm.train import describe_run
+    from ddpm.runs import describe_run
 
     print(describe_run(args.run))
     return 0
@@ -103,7 +103,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_forward(args: argparse.Namespace) -> int:
     from ddpm.config import DataConfig, DiffusionConfig
-    from ddpm.train import forward_process_picture
+    from ddpm.runs import forward_process_picture
 
     data = DataConfig(name=args.data, root=args.data_root, image_size=args.image_size)
     diffusion = DiffusionConfig(schedule=args.schedule, num_timesteps=args.timesteps)

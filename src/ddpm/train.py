@@ -1,4 +1,4 @@
-"""Training (Ho et al. 2020, Algorithm 1) and the run-directory tasks built on it.
+"""Training (Ho et al. 2020, Algorithm 1), resumable, on one process or many (torchrun).
 
 Algorithm 1, one step per minibatch::
 
@@ -6,18 +6,11 @@ Algorithm 1, one step per minibatch::
     take a gradient step on  ||eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t)||^2
 
 with AdamW, a linear learning-rate warm-up, gradient-norm clipping and an exponential moving average
-(EMA) of the weights, which is what samples are drawn from. A run directory holds everything::
-
-    RUN/config.json                       the resolved RunConfig
-    RUN/log.csv                           step, loss, lr, grad_norm, images_per_s, elapsed_s
-    RUN/tb/                               TensorBoard scalars (if tensorboard is installed)
-    RUN/samples/step_XXXXXXX.png          previews (EMA, short respaced chain); the last one is the
-                                          full chain, the same picture as ``ddpm sample RUN``
-    RUN/checkpoints/step_XXXXXXX/         model, ema, train_state .safetensors + meta.json (last K)
-    RUN/generated/                        ``ddpm sample`` output (PNG grid + .npz)
-
-Giving ``train`` the same run directory again resumes from the newest good checkpoint, bit-exactly:
-the optimizer, the EMA, the data order and every random generator are restored.
+(EMA) of the weights, which is what samples are drawn from; the loss and the draw of t follow the
+config's objective (``ddpm.losses.training_loss``, ``ImportanceSampler``). Everything goes into a run
+directory (layout in ``ddpm.runs``). Giving ``train`` the same run directory again resumes from the
+newest good checkpoint, bit-exactly: the optimizer, the EMA, the data order and every random generator
+are restored.
 """
 
 from __future__ import annotations
@@ -25,7 +18,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -35,28 +27,22 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm import distributed, viz
+from ddpm import distributed
 from ddpm.checkpoint import (
     Checkpoint,
     atomic_write_bytes,
     checkpoint_dir,
     crash_point,
     latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     save_checkpoint,
 )
 from ddpm.config import (
-    MLP_FIELDS,
     DataConfig,
-    DiffusionConfig,
-    ModelConfig,
     RunConfig,
     merge_config,
     resolve_config,
@@ -65,23 +51,26 @@ from ddpm.data import load_dataset
 from ddpm.diffusion import q_sample
 from ddpm.errors import ConfigError, DDPMError, DivergedError, RunDirError
 from ddpm.losses import ImportanceSampler, training_loss
-from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet, count_parameters
-from ddpm.samplers import DEFAULT_GRIDS, sample, timestep_grid
+from ddpm.nets import count_parameters
+from ddpm.runs import (
+    CONFIG_FILE,
+    LOG_FILE,
+    PREVIEW_POINTS,
+    arch_of,
+    build_model,
+    build_schedule,
+    default_num,
+    draw,
+    load_run_config,
+    load_weights,
+    save_run_config,
+    save_samples,
+)
 from ddpm.schedules import NoiseSchedule
 
 Tensor = torch.Tensor
 
-CONFIG_FILE = "config.json"
-# The layout of a run directory, saved in its config.json: a run written by a ddpm with another format is
-# refused rather than misread. Runs from before the key existed are format 1.
-RUN_FORMAT_KEY = "run_format"
-RUN_FORMAT_VERSION = 1
-LOG_FILE = "log.csv"
 LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s")
-# A registry of network classes by a short key, stored in checkpoints (never an import path).
-ARCHS: dict[str, type[torch.nn.Module]] = {"unet": UNet, "mlp": MLP}
-_PREVIEW_IMAGES = 64
-_PREVIEW_POINTS = 2000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,74 +146,6 @@ class DataOrder:
         self.pos = int(info["pos"])
 
 
-# --------------------------------------------------------------------------------------------------
-# building the objects of a run
-# --------------------------------------------------------------------------------------------------
-
-
-def build_model(
-    model_cfg: ModelConfig, *, kind: str, sample_shape: tuple[int, ...], learn_sigma: bool
-) -> torch.nn.Module:
-    """The network of a resolved ModelConfig for data of the given kind and shape (no batch dim)."""
-    overrides = model_cfg.overrides()
-    preset = model_cfg.preset
-    if preset == "mlp":
-        if bad := sorted(set(overrides) - set(MLP_FIELDS)):
-            raise ConfigError(f"model option '{bad[0]}' does not apply to the mlp")
-        return MLP(dim=int(sample_shape[0]), learn_sigma=learn_sigma, **overrides)
-    if preset not in UNET_PRESETS:
-        raise ConfigError(
-            f"unknown model {preset!r}; known: {', '.join([*sorted(UNET_PRESETS), 'mlp'])}"
-        )
-    if bad := sorted(set(overrides) & set(MLP_FIELDS)):
-        raise ConfigError(f"model option '{bad[0]}' applies only to the mlp")
-    channels, height, width = sample_shape
-    if height != width:
-        raise ConfigError(f"the U-Net needs square images, got {height}x{width}; set an image size")
-    return build_unet(
-        preset, in_channels=channels, image_size=height, learn_sigma=learn_sigma, **overrides
-    )
-
-
-def build_schedule(diffusion: DiffusionConfig) -> NoiseSchedule:
-    try:
-        return NoiseSchedule.from_name(
-            diffusion.schedule,
-            diffusion.num_timesteps,
-            zero_terminal_snr=diffusion.zero_terminal_snr,
-        )
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def _arch_of(model: torch.nn.Module) -> str:
-    for key, cls in ARCHS.items():
-        if isinstance(model, cls):
-            return key
-    raise TypeError(f"no registered architecture for {type(model).__name__}")
-
-
-def model_from_meta(meta: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the network described by a checkpoint's meta.json (weights not loaded)."""
-    try:
-        arch, net_config = meta["model"]["arch"], meta["model"]["config"]
-    except (KeyError, TypeError):
-        raise RunDirError(
-            "the checkpoint does not describe its network (no model.arch/config)"
-        ) from None
-    if arch not in ARCHS:
-        raise RunDirError(f"unknown network {arch!r} in the checkpoint; known: {', '.join(ARCHS)}")
-    return ARCHS[arch](**net_config)
-
-
-def _load_weights(module: torch.nn.Module, tensors: dict[str, Tensor], what: str) -> None:
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise RunDirError(f"{what} weights do not fit the network: {first}") from None
-
-
 def _native_bf16() -> bool:
     """Whether the CPU computes bfloat16 natively. Without it oneDNN is bypassed and bf16 convolutions
     fall back to a reference kernel, 10-20x slower than float32 (measured on an AVX2-only EPYC)."""
@@ -277,37 +198,6 @@ class _StopOnInterrupt:
 # --------------------------------------------------------------------------------------------------
 # run directories
 # --------------------------------------------------------------------------------------------------
-
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The config.json of a run directory; RunDirError if the directory is not a run."""
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG_FILE
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: no such run directory")
-    if not path.is_file():
-        raise RunDirError(f"{run_dir} is not a ddpm run directory (no {CONFIG_FILE})")
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunDirError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise RunDirError(f"{path}: not a ddpm run configuration")
-    version = data.pop(RUN_FORMAT_KEY, 1)
-    if version != RUN_FORMAT_VERSION:
-        raise RunDirError(
-            f"{run_dir} is a run directory of format {version!r}, this ddpm reads format "
-            f"{RUN_FORMAT_VERSION}; use the ddpm version that wrote it, or a new --run-dir"
-        )
-    try:
-        return RunConfig.from_dict(data, str(path))
-    except ConfigError as err:
-        raise RunDirError(f"{path}: {err}") from None
-
-
-def _save_run_config(config: RunConfig, path: Path) -> None:
-    record = {RUN_FORMAT_KEY: RUN_FORMAT_VERSION, **config.to_dict()}
-    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def _check_same_run(saved: RunConfig, new: RunConfig, run_dir: Path) -> None:
@@ -385,50 +275,6 @@ class TrainResult(NamedTuple):
     samples: Path | None
     stopped_by: str  # "steps", "minutes" or "interrupt"
     skipped: int = 0  # updates skipped for a non-finite loss, in the whole run
-
-
-def _draw(
-    model,
-    schedule: NoiseSchedule,
-    shape,
-    config: RunConfig,
-    *,
-    num,
-    steps,
-    seed,
-    record=(),
-    progress=False,
-):
-    """Samples from the model with the run's diffusion settings and [sample] options."""
-    is_image = len(shape) > 1
-    return sample(
-        model,
-        schedule,
-        (num, *shape),
-        sampler=config.sample.sampler,
-        num_steps=min(steps, schedule.num_timesteps),
-        grid=config.sample.grid,
-        generator=torch.Generator().manual_seed(seed),
-        prediction=config.diffusion.prediction,
-        variance=config.diffusion.variance,
-        clip_x0=config.sample.clip_x0 and is_image,
-        dynamic_threshold=config.sample.dynamic_threshold if is_image else None,
-        **config.sample.sampler_options(),
-        record=record,
-        progress=progress,
-    )
-
-
-def _default_num(shape) -> int:
-    return _PREVIEW_IMAGES if len(shape) > 1 else _PREVIEW_POINTS
-
-
-def _save_samples(
-    x0: Tensor, path: Path, reference: Tensor | None = None, title: str | None = None
-) -> Path:
-    if x0.ndim == 2:
-        return viz.save_scatter(x0, path, reference=reference, title=title)
-    return viz.save_image_grid(x0, path)
 
 
 def train(
@@ -527,7 +373,7 @@ def _train(
     shard = d.shard(tc.batch_size) if d.enabled else None
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _save_run_config(config, cfg_path)
+        save_run_config(config, cfg_path)
         _prepare_log(run_dir / LOG_FILE, step)
     _say(
         f"data: {dc.name} ({len(dataset)} x {'x'.join(map(str, sample_shape))}); model: {config.model.preset} "
@@ -541,7 +387,7 @@ def _train(
             step=at_step,
             elapsed_s=elapsed_before + (time.monotonic() - t_start),
             loss=loss,
-            model={"arch": _arch_of(model), "config": model.config, "num_parameters": num_params},
+            model={"arch": arch_of(model), "config": model.config, "num_parameters": num_params},
             data={"name": dc.name, "kind": dataset.kind, "sample_shape": list(sample_shape)},
             config=config.to_dict(),
             nonfinite={"skipped": skipped, "streak": streak},
@@ -556,9 +402,9 @@ def _train(
         # Previews: a short respaced chain, the same noise every time (a generator of their own, so
         # training's RNG is untouched). The final picture is what `ddpm sample RUN` draws by default.
         sc = config.sample
-        num = _default_num(sample_shape) if sc.num is None or not final else sc.num
+        num = default_num(sample_shape) if sc.num is None or not final else sc.num
         steps = (sc.steps or schedule.num_timesteps) if final else tc.sample_steps
-        out = _draw(
+        out = draw(
             ema,
             schedule,
             sample_shape,
@@ -567,9 +413,9 @@ def _train(
             steps=steps,
             seed=sc.seed if final else tc.seed,
         )
-        reference = data_x[:_PREVIEW_POINTS] if dataset.kind == "points" else None
+        reference = data_x[:PREVIEW_POINTS] if dataset.kind == "points" else None
         path = run_dir / "samples" / f"step_{at_step:07d}.png"
-        return _save_samples(out.x0, path, reference, title=f"step {at_step}")
+        return save_samples(out.x0, path, reference, title=f"step {at_step}")
 
     start_step = step
     t_start = time.monotonic()
@@ -884,8 +730,8 @@ def _training_state(
 def _restore(
     ckpt: Checkpoint, model, ema, optimizer, order: DataOrder, noise_gen, timesteps=None
 ) -> tuple[int, float]:
-    _load_weights(model, ckpt.tensors["model"], "model")
-    _load_weights(ema, ckpt.tensors["ema"], "EMA")
+    load_weights(model, ckpt.tensors["model"], "model")
+    load_weights(ema, ckpt.tensors["ema"], "EMA")
     state = ckpt.tensors["train_state"]
     optim = {k.removeprefix("optim."): v for k, v in state.items() if k.startswith("optim.")}
     try:
@@ -905,187 +751,6 @@ def _restore(
     return ckpt.step, float(ckpt.meta.get("elapsed_s", 0.0))
 
 
-# --------------------------------------------------------------------------------------------------
-# sampling from a run, describing a run, the forward-process picture
-# --------------------------------------------------------------------------------------------------
-
-
-class SampleResult(NamedTuple):
-    """Paths written by ``sample_run`` and the samples themselves ([N, C, H, W] or [N, D], float)."""
-
-    png: Path
-    npz: Path
-    trajectory_png: Path | None
-    step: int
-    x0: Tensor
-
-
-def load_run_model(
-    run_dir: str | Path, *, use_ema: bool = True
-) -> tuple[torch.nn.Module, RunConfig, Checkpoint]:
-    """The network of the newest good checkpoint of a run (EMA weights by default), in eval mode."""
-    config = load_run_config(run_dir)
-    if not list_checkpoints(run_dir):
-        raise RunDirError(f"{run_dir} has no checkpoint yet; train it first")
-    group = "ema" if use_ema else "model"
-    ckpt = latest_checkpoint(run_dir, groups=(group,))
-    model = model_from_meta(ckpt.meta)
-    _load_weights(model, ckpt.tensors[group], group)
-    return model.eval().requires_grad_(False), config, ckpt
-
-
-def sample_run(
-    run_dir: str | Path,
-    *,
-    num: int | None = None,
-    steps: int | None = None,
-    seed: int | None = None,
-    use_ema: bool | None = None,
-    out_dir: str | Path | None = None,
-    trajectory: bool = False,
-    progress: bool = True,
-    **sample_options,
-) -> SampleResult:
-    """Draw samples from a trained run and write ``<out_dir>/step_XXXXXXX_seedS.png`` (grid or scatter)
-    and ``.npz`` (``x0`` float32 as sampled; for images also ``images``, uint8 [N, H, W, C]), plus, with
-    ``trajectory``, a picture of the reverse process. Unset options come from the run's [sample] config;
-    ``out_dir`` defaults to RUN/generated. ``sample_options`` override other [sample] keys (sampler,
-    grid, eta, order, clip_x0, dynamic_threshold); None leaves a key as the run has it."""
-    given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, **sample_options}
-    run_config = load_run_config(run_dir)
-    sc = merge_config(
-        run_config, {"sample": {k: v for k, v in given.items() if v is not None}}, "sample options"
-    ).sample
-    model, config, ckpt = load_run_model(run_dir, use_ema=sc.use_ema)
-    schedule = build_schedule(config.diffusion)
-    T = schedule.num_timesteps
-    num_steps = T if sc.steps is None else sc.steps
-    if num_steps > T:
-        raise ConfigError(f"steps must be at most T={T}, got {num_steps}")
-    shape = tuple(ckpt.meta["data"]["sample_shape"])
-    grid = sc.grid or DEFAULT_GRIDS[sc.sampler]
-    kept = timestep_grid(schedule, num_steps, grid) if num_steps < T else torch.arange(T)
-    record = sorted(
-        set(np.linspace(0, num_steps - 1, min(num_steps, 9)).round().astype(int).tolist())
-    )
-    config = dataclasses.replace(config, sample=sc)
-    num = _default_num(shape) if sc.num is None else sc.num
-    out = _draw(
-        model,
-        schedule,
-        shape,
-        config,
-        num=num,
-        steps=num_steps,
-        seed=sc.seed,
-        record=record if trajectory else (),
-        progress=progress,
-    )
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
-    how = "" if sc.sampler == "ancestral" else f"_{sc.sampler}{num_steps}"
-    stem = f"step_{ckpt.step:07d}_seed{sc.seed}{how}" + ("" if sc.use_ema else "_raw")
-    x0 = out.x0.float().cpu()
-    arrays = {"x0": x0.numpy()}
-    if x0.ndim == 4:
-        arrays["images"] = viz.to_uint8(x0)
-    png = _save_samples(x0, out_dir / f"{stem}.png", title=f"step {ckpt.step}")
-    npz = _save_npz(out_dir / f"{stem}.npz", arrays)
-    traj_png = None
-    if trajectory:
-        labels = {i: f"t={int(kept[i]) + 1}" for i in record}
-        traj_png = viz.save_trajectory(
-            out.trajectory, out_dir / f"{stem}_trajectory.png", labels=labels
-        )
-    return SampleResult(png, npz, traj_png, ckpt.step, x0)
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-def describe_run(run_dir: str | Path) -> str:
-    """A few lines about a run: its config, network, progress, last loss and checkpoints."""
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    d, m, df, tc = config.data, config.model, config.diffusion, config.train
-    lines = [
-        f"run:        {run_dir}",
-        f"data:       {d.name} (split {d.split}"
-        + (f", {d.image_size}px" if d.image_size else "")
-        + ")",
-    ]
-    checkpoints = list_checkpoints(run_dir)
-    meta = None
-    for _, path in reversed(checkpoints):
-        try:
-            meta = load_checkpoint(path, groups=()).meta  # metadata only: no tensors are read
-            break
-        except DDPMError:
-            continue
-    model_line = f"model:      {m.preset}"
-    if meta is not None:
-        model_line += f" ({meta['model']['arch']}, {meta['model']['num_parameters']:,} parameters)"
-    if m.overrides():
-        model_line += f", overrides {json.dumps(m.overrides())}"
-    lines.append(model_line)
-    lines.append(
-        f"diffusion:  {df.schedule} schedule, T={df.num_timesteps}, predicts {df.prediction}, variance {df.variance}"
-    )
-    lines.append(
-        f"training:   batch {tc.batch_size}, lr {tc.lr:g}, EMA {tc.ema_decay:g}, seed {tc.seed}"
-        + (", bf16" if tc.bf16 else "")
-    )
-    if meta is not None:
-        lines.append(
-            f"step:       {meta['step']} ({meta.get('elapsed_s', 0.0) / 60:.1f} min of training)"
-        )
-    else:
-        lines.append("step:       0 (no checkpoint yet)")
-    log = run_dir / LOG_FILE
-    if log.is_file():
-        cols = viz.read_log(log)
-        if cols.get("loss") is not None and len(cols["loss"]):
-            lines.append(
-                f"last loss:  {cols['loss'][-1]:.4f} at step {int(cols['step'][-1])} "
-                f"({cols['images_per_s'][-1]:.0f} images/s)"
-            )
-    names = ", ".join(p.name for _, p in checkpoints) or "none"
-    lines.append(f"checkpoints: {names}")
-    previews = sorted((run_dir / "samples").glob("step_*.png"))
-    if previews:
-        lines.append(f"samples:    {previews[-1]}")
-    return "\n".join(lines)
-
-
-def forward_process_picture(
-    data: DataConfig,
-    diffusion: DiffusionConfig,
-    out: str | Path,
-    *,
-    num: int = 8,
-    seed: int = 0,
-) -> Path:
-    """Picture of q(x_t | x_0) on real data: ``num`` examples (images) or 2000 points, from x_0 to x_T."""
-    dataset = load_dataset(
-        data.name,
-        split=data.split,
-        root=data.root,
-        image_size=data.image_size,
-        num_points=data.num_points,
-        seed=seed,
-    )
-    schedule = build_schedule(diffusion)
-    generator = torch.Generator().manual_seed(seed)
-    n = min(len(dataset), _PREVIEW_POINTS if dataset.kind == "points" else num)
-    idx = torch.randperm(len(dataset), generator=generator)[:n]
-    x0 = torch.as_tensor(dataset.x, dtype=torch.float32)[idx]
-    return viz.save_forward_process(schedule, x0, out, generator=generator)
-
-
 def prepare_run(
     overrides: dict[str, dict[str, Any]] | None = None,
     *,
@@ -1097,7 +762,7 @@ def prepare_run(
     Later sources win: defaults < the run's saved config.json (when resuming) < the TOML file <
     ``overrides`` ({section: {key: value}}). The budget (steps, minutes) is never inherited from the
     saved run: it belongs to each invocation. The run directory defaults to ``runs/<data name>``."""
-    from ddpm.config import load_toml, merge_config
+    from ddpm.config import load_toml
 
     overrides = overrides or {}
     toml = load_toml(config_file) if config_file is not None else {}
