@@ -53,19 +53,19 @@ FEATURES = ("classifier", "inception", "both")
 _Z95 = 1.959963984540054
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """NaN / inf -> None, recursively, so that the JSON is standard."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
 def _write_json(path: Path, data: dict) -> Path:
-    text = json.dumps(_finite(data), indent=2, allow_nan=False)
+    text = json.dumps(finite(data), indent=2, allow_nan=False)
     return atomic_write_bytes(path, (text + "\n").encode())
 
 
