@@ -40,6 +40,8 @@ _LAZY = {
     "load_dataset": "ddpm.data",
     "train": "ddpm.train",
     "RunConfig": "ddpm.config",
+    "nll_run": "ddpm.evaluate",
+    "eval_run": "ddpm.evaluate",
 }
 
 
