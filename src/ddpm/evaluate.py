@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -339,7 +340,9 @@ def load_inception() -> torch.jit.ScriptModule:
         raise ConfigError(
             f"Inception features need the FID Inception network; install it with: {INCEPTION_INSTALL}"
         )
-    return torch.jit.load(str(path), map_location="cpu").eval()
+    with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; the file is TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
 
 
 def inception_preprocess(x: Tensor) -> Tensor:
