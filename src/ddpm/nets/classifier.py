@@ -2,7 +2,7 @@
 
 For 8x8 digits and 28x28 (Fashion-)MNIST: two stages of two 3x3 convolutions and a 2x2 max-pool, one
 more convolution, global average pooling, then a ``feature_dim`` fully connected layer (the features,
-after ReLU) and the class logits. Width 16 keeps it near 0.1M parameters (a ~0.4 MB float32 file).
+after ReLU) and the class logits. Width 16 gives 45k parameters (a 0.18 MB float32 file).
 """
 
 from __future__ import annotations
