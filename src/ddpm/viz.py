@@ -284,3 +284,31 @@ def plot_loss(log_csv, path, smooth: int = 10) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     return _save_figure(fig, path)
+
+
+def plot_bound_terms(
+    t: np.ndarray,
+    terms_bpd: np.ndarray,
+    path,
+    se: np.ndarray | None = None,
+    title: str | None = None,
+) -> Path:
+    """Plot the terms of the variational bound (bits/dim) against the paper's step t = 1..T, both axes
+    logarithmic: L_0 at t = 1, L_{t-1} at t >= 2. ``se`` draws a band of +- 2 standard errors."""
+    t, terms = np.asarray(t, dtype=float), np.asarray(terms_bpd, dtype=float)
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    positive = terms > 0
+    ax.plot(t[positive], terms[positive], lw=1.2, marker="." if len(t) < 200 else None)
+    if se is not None:
+        se = np.nan_to_num(np.asarray(se, dtype=float))
+        low = np.clip(terms - 2 * se, terms[positive].min(initial=1e-12) / 10, None)
+        ax.fill_between(t[positive], low[positive], (terms + 2 * se)[positive], alpha=0.25)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("t (L_0 at t = 1, L_{t-1} at t >= 2)")
+    ax.set_ylabel("term of the bound (bits/dim)")
+    ax.grid(alpha=0.3, which="both")
+    if title:
+        ax.set_title(title)
+    return _save_figure(fig, path)
