@@ -138,3 +138,24 @@ def points_toml(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def make_points_config():
     return points_run_config
+
+
+# Every device this machine has: device tests are parametrised over it, so the same suite exercises
+# CUDA (and MPS) where present and the CPU everywhere.
+def _devices() -> list[str]:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+DEVICES = _devices()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param

@@ -115,7 +115,7 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(
 ):
     from ddpm import distributed
 
-    monkeypatch.setattr(distributed, "setup", lambda: distributed.Dist(0, 3))
+    monkeypatch.setattr(distributed, "setup", lambda device="cpu": distributed.Dist(0, 3))
     with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
         train(make_points_config(steps=1), tmp_path / "run", progress=False, verbose=False)
 

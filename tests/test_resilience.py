@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ddpm.checkpoint
-import ddpm.train
+import ddpm.objective
 from ddpm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from ddpm.cli import main
 from ddpm.errors import DivergedError
@@ -152,14 +152,14 @@ def nan_at(monkeypatch):
 
     def install(bad_steps):
         calls = []
-        q_sample = ddpm.train.q_sample
+        q_sample = ddpm.objective.q_sample
 
         def poisoned(*args, **kwargs):
             calls.append(1)
             x_t = q_sample(*args, **kwargs)
             return x_t * float("nan") if len(calls) in bad_steps else x_t
 
-        monkeypatch.setattr(ddpm.train, "q_sample", poisoned)
+        monkeypatch.setattr(ddpm.objective, "q_sample", poisoned)
 
     return install
 

@@ -169,10 +169,10 @@ def test_learned_variance_trains_with_the_hybrid_loss(tmp_path, make_config):
 
 
 def test_bf16_without_native_support_trains_but_warns(tmp_path, make_config, monkeypatch):
-    monkeypatch.setattr("ddpm.train._native_bf16", lambda: False)
+    monkeypatch.setattr("ddpm.devices.native_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="bfloat16"):
         result = train(
-            make_config(steps=1, batch_size=4, bf16=True),
+            make_config(steps=1, batch_size=4, precision="bf16"),
             tmp_path / "run",
             progress=False,
             verbose=False,

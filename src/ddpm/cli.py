@@ -59,7 +59,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ddpm.train import prepare_run, train
 
     config, run_dir = prepare_run(_overrides(args), config_file=args.config, run_dir=args.run_dir)
-    result = train(config, run_dir, progress=not args.quiet, verbose=not args.quiet)
+    result = train(
+        config, run_dir, device=args.device, progress=not args.quiet, verbose=not args.quiet
+    )
     if env_rank() != 0:  # under torchrun only rank 0 reports
         return 0
     print(f"run:        {result.run_dir} (step {result.step})")
@@ -80,18 +82,27 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         out_dir=args.out,
         trajectory=args.trajectory,
         progress=not args.quiet,
+        device=args.device,
+        batch_size=args.batch_size,
         sampler=args.sampler,
         grid=args.grid,
-        eta=args.eta,
-        order=args.order,
-        clip_x0=False if args.no_clip else None,
-        dynamic_threshold=args.dynamic_threshold,
+        **_sampler_options(args),
     )
-    print(f"samples:    {result.png}")
+    print(f"samples:    {result.png} (the first {min(result.num, 64)} of {result.num})")
     print(f"arrays:     {result.npz}")
     if result.trajectory_png is not None:
         print(f"trajectory: {result.trajectory_png}")
     return 0
+
+
+def _sampler_options(args: argparse.Namespace) -> dict:
+    """[sample] overrides shared by ``ddpm sample`` and ``ddpm eval`` (None: the run's value)."""
+    return {
+        "eta": args.eta,
+        "order": args.order,
+        "clip_x0": False if args.no_clip else None,
+        "dynamic_threshold": args.dynamic_threshold,
+    }
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -126,6 +137,7 @@ def _cmd_nll(args: argparse.Namespace) -> int:
         seed=args.seed,
         out_dir=args.out,
         progress=not args.quiet,
+        device=args.device,
     )
     s, p = report.summary, report.summary["protocol"]
     total = s["bits_per_dim"]
@@ -172,6 +184,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         out_dir=args.out,
         progress=not args.quiet,
+        device=args.device,
+        **_sampler_options(args),
     )
     r, p = report.results, report.results["protocol"]
     print(
@@ -215,6 +229,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------------
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEV",
+        help="auto (CUDA if present, default), cpu, cuda, cuda:N, mps",
+    )
+
+
+def _sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """Options that override the run's [sample] section (default: the run's value)."""
+    p.add_argument("--eta", type=float, metavar="E", help="DDIM noise: 0 (default) .. 1")
+    p.add_argument("--order", type=int, metavar="K", help="DPM-Solver++ order: 1, 2 (default), 3")
+    p.add_argument(
+        "--no-clip", action="store_true", help="do not clamp the x_0 prediction to [-1, 1]"
+    )
+    p.add_argument(
+        "--dynamic-threshold",
+        type=float,
+        metavar="P",
+        help="dynamic thresholding at percentile P (e.g. 0.995) instead of clipping",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,12 +385,26 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--lr", dest="train.lr", type=float, metavar="LR")
     opt("--ema-decay", dest="train.ema_decay", type=float, metavar="D")
     opt(
+        "--precision",
+        dest="train.precision",
+        metavar="P",
+        help="fp32 (default), bf16, fp16 (CUDA), auto (bf16 where native)",
+    )
+    opt(
         "--bf16",
-        dest="train.bf16",
+        dest="train.precision",
+        action="store_const",
+        const="bf16",
+        help="same as --precision bf16",
+    )
+    opt(
+        "--compile",
+        dest="train.compile",
         action="store_true",
         default=None,
-        help="bfloat16 autocast (CPUs with AVX512-BF16/AMX)",
+        help="torch.compile the network (slow start; see README)",
     )
+    _device_option(p)
     opt("--seed", dest="train.seed", type=int, metavar="S")
     opt(
         "--sample-every",
@@ -369,7 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("--num", type=int, help="number of samples (default 64)")
+    p.add_argument("--num", type=int, help="number of samples (default 64; any number fits)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help="samples drawn at once (default 250 on CPU, 1000 on CUDA)",
+    )
     p.add_argument(
         "--steps", type=int, metavar="K", help="respaced chain of K steps (default: all T)"
     )
@@ -382,17 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="timestep grid for --steps: linspace, leading, trailing, quadratic, logsnr "
         "(default: linspace; logsnr for dpm_solver)",
     )
-    p.add_argument("--eta", type=float, metavar="E", help="DDIM noise: 0 (default) .. 1")
-    p.add_argument("--order", type=int, metavar="K", help="DPM-Solver++ order: 1, 2 (default), 3")
-    p.add_argument(
-        "--no-clip", action="store_true", help="do not clamp the x_0 prediction to [-1, 1]"
-    )
-    p.add_argument(
-        "--dynamic-threshold",
-        type=float,
-        metavar="P",
-        help="dynamic thresholding at percentile P (e.g. 0.995) instead of clipping",
-    )
+    _sampler_arguments(p)
+    _device_option(p)
     p.add_argument("--seed", type=int, metavar="S")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/generated)")
@@ -433,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, metavar="B")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval)")
+    _device_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_nll)
 
@@ -453,7 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-split", default="test", help="reference split (default test)")
     p.add_argument("--ref-num", type=int, metavar="N", help="reference size (see ddpm.evaluate)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--batch-size", type=int, default=250, metavar="B")
+    p.add_argument(
+        "--batch-size", type=int, metavar="B", help="samples drawn at once (250 CPU, 1000 CUDA)"
+    )
+    _sampler_arguments(p)
+    _device_option(p)
     p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ddpm.devices import PRECISIONS
 from ddpm.diffusion import PREDICTIONS, VARIANCES
 from ddpm.errors import ConfigError
 from ddpm.samplers import GRIDS, SAMPLERS
@@ -193,7 +194,9 @@ class TrainConfig:
     timestep_sampler: str = "uniform"
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5
     offset_noise: float = 0.0  # eps += offset * N(0, 1) per image and channel (images only)
-    bf16: bool = False  # bfloat16 autocast for the network on CPU
+    # autocast of the network: fp32, bf16, fp16 (CUDA) or auto (bf16 where native); see ddpm.devices
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the network for training
     seed: int = 0
     log_every: int = 50
     sample_every: int = 500  # 0: only at the end
@@ -215,6 +218,7 @@ class TrainConfig:
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         _positive_float("vlb_weight", self.vlb_weight, allow_zero=True)
         _one_of("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        _one_of("precision", self.precision, PRECISIONS)
         _positive_float("min_snr_gamma", self.min_snr_gamma, allow_none=True)
         _positive_float("offset_noise", self.offset_noise, allow_zero=True)
         _positive_int("seed", self.seed, allow_zero=True)
@@ -364,6 +368,10 @@ def merge_config(
             )
         if not isinstance(values, dict):
             raise ConfigError(f"'{name}' in {where} must be a table ([{name}]), got {values!r}")
+        if name == "train" and "bf16" in values:  # runs and files from before train.precision
+            values = dict(values)
+            if values.pop("bf16") is True:
+                values.setdefault("precision", "bf16")
         sections[name] = _replace_section(getattr(config, name), values, name, where)
     return dataclasses.replace(config, **sections)
 

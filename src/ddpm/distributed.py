@@ -2,8 +2,7 @@
 
 ``torchrun --nproc_per_node=N -m ddpm train ...`` starts N processes with WORLD_SIZE, RANK, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT in their environment. ``setup()`` reads them and joins the process group
-with the backend of the training device (NCCL for CUDA, gloo for the CPU; the trainer runs on the CPU
-today, so gloo); without WORLD_SIZE > 1 it does nothing and training runs in one process as usual.
+with the backend of the training device (NCCL for CUDA, one GPU per LOCAL_RANK; gloo for the CPU); without WORLD_SIZE > 1 it does nothing and training runs in one process as usual.
 
 The split that makes N processes compute the one-process step: every rank draws the *global* batch
 (data indices, t, eps) from identically seeded generators and keeps the rows
@@ -116,3 +115,15 @@ def mean_and_flags(
     )
     dist.all_reduce(buf)
     return float(buf[0]), tuple(bool(f > 0) for f in buf[1:].tolist())
+
+
+def gather_rows(d: Dist, rows: torch.Tensor) -> torch.Tensor:
+    """The global batch's values from every rank's shard ([B/N] each, concatenated in rank order:
+    shards are consecutive rows), or ``rows`` itself when not distributed."""
+    if not d.enabled:
+        return rows
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(rows) for _ in range(d.world_size)]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)

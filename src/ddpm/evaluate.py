@@ -37,12 +37,14 @@ from tqdm.auto import tqdm
 
 from ddpm import metrics, viz
 from ddpm.checkpoint import atomic_write_bytes
+from ddpm.config import merge_config
 from ddpm.data import ArrayDataset, load_dataset
+from ddpm.devices import describe_device
 from ddpm.errors import ConfigError
 from ddpm.likelihood import bits_per_dim_summary, variational_bound
 from ddpm.nets.classifier import Classifier
-from ddpm.runs import build_schedule, load_run_model
-from ddpm.samplers import DEFAULT_GRIDS, GRIDS, SAMPLERS, sample
+from ddpm.runs import draw, load_data, load_run, sampler_options
+from ddpm.samplers import DEFAULT_GRIDS, GRIDS, SAMPLERS
 
 Tensor = torch.Tensor
 
@@ -72,18 +74,6 @@ def _write_json(path: Path, data: dict) -> Path:
 
 def _eval_dir(run_dir: str | Path, out_dir: str | Path | None) -> Path:
     return Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
-
-
-def _load_split(config, split: str) -> ArrayDataset:
-    d = config.data
-    return load_dataset(
-        d.name,
-        split=split,
-        root=d.root,
-        image_size=d.image_size,
-        num_points=d.num_points,
-        seed=config.train.seed,
-    )
 
 
 def _check_positive(name: str, value: int | None) -> None:
@@ -121,6 +111,7 @@ def nll_run(
     seed: int = 0,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    device: str | torch.device | None = "auto",
 ) -> NllReport:
     """The variational bound (Ho et al. eq. 5) of the run's model on ``num`` images of ``split`` (all
     by default, in the split's order), in bits/dim.
@@ -132,8 +123,8 @@ def nll_run(
     of eq. 13 (8-bit bins); 2-D data a Gaussian density (then "bits/dim" is a differential entropy)."""
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
-    model, config, ckpt = load_run_model(run_dir, use_ema=use_ema)
-    schedule = build_schedule(config.diffusion)
+    run = load_run(run_dir, use_ema=use_ema, device=device)
+    model, config, ckpt, schedule = run.model, run.config, run.checkpoint, run.schedule
     T = schedule.num_timesteps
     if eval_steps is not None:
         _check_positive("steps", eval_steps)
@@ -141,7 +132,7 @@ def nll_run(
             raise ConfigError("the strided bound needs --steps >= 4 (or 'all')")
         if eval_steps >= T:
             eval_steps = None
-    data = _load_split(config, split)
+    data = load_data(config, split)
     x = data.x if num is None else data.x[:num]
     if num is not None and num > len(data):
         raise ConfigError(f"--num {num} exceeds the {len(data)} examples of the {split} split")
@@ -156,7 +147,7 @@ def nll_run(
             variational_bound(
                 model,
                 schedule,
-                chunk,
+                chunk.to(run.device),
                 prediction=config.diffusion.prediction,
                 variance=config.diffusion.variance,
                 decoder=decoder,
@@ -168,10 +159,10 @@ def nll_run(
         bar.update(len(chunk))
     bar.close()
     elapsed = time.monotonic() - start
-    total = torch.cat([p.total_bpd for p in parts])
-    prior = torch.cat([p.prior_bpd for p in parts])
-    terms = torch.cat([p.terms_bpd for p in parts])
-    steps = torch.cat([p.timesteps for p in parts])
+    total = torch.cat([p.total_bpd.cpu() for p in parts])
+    prior = torch.cat([p.prior_bpd.cpu() for p in parts])
+    terms = torch.cat([p.terms_bpd.cpu() for p in parts])
+    steps = torch.cat([p.timesteps.cpu() for p in parts])
     decoder_bpd = terms[:, 0]
     vlb_sum = (
         total - prior - decoder_bpd
@@ -213,7 +204,7 @@ def nll_run(
         "estimator_se_per_image_bpd": (
             None
             if eval_steps is None
-            else float(torch.cat([p.total_stderr_bpd for p in parts]).mean())
+            else float(torch.cat([p.total_stderr_bpd.cpu() for p in parts]).mean())
         ),
         "protocol": {
             "run": str(run_dir),
@@ -233,6 +224,7 @@ def nll_run(
             "variance": config.diffusion.variance,
             "decoder": decoder,
             "seed": seed,
+            "device": describe_device(run.device),
             "interval": "95%: mean +- 1.96 standard errors over images",
         },
         "elapsed_s": round(elapsed, 2),
@@ -429,44 +421,6 @@ class EvalReport(NamedTuple):
     results: dict[str, Any]
 
 
-def draw_samples(
-    model,
-    config,
-    shape: tuple[int, ...],
-    *,
-    num: int,
-    sampler: str,
-    steps: int,
-    grid: str,
-    seed: int,
-    batch_size: int,
-    progress: bool,
-) -> Tensor:
-    """``num`` samples from the model in batches, one generator seeded with ``seed`` for all."""
-    schedule = build_schedule(config.diffusion)
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    bar = tqdm(total=num, desc="sampling", unit="sample", disable=not progress, dynamic_ncols=True)
-    for start in range(0, num, batch_size):
-        n = min(batch_size, num - start)
-        x = sample(
-            model,
-            schedule,
-            (n, *shape),
-            sampler=sampler,
-            num_steps=steps,
-            grid=grid,
-            generator=generator,
-            prediction=config.diffusion.prediction,
-            variance=config.diffusion.variance,
-            clip_x0=len(shape) > 1,
-        ).x0
-        out.append(x.float())
-        bar.update(n)
-    bar.close()
-    return torch.cat(out)
-
-
 def image_metrics(
     samples: Tensor,
     reference: Tensor,
@@ -508,10 +462,12 @@ def eval_run(
     use_ema: bool = True,
     ref_split: str = "test",
     ref_num: int | None = None,
-    batch_size: int = 250,
+    batch_size: int | None = None,
     out_dir: str | Path | None = None,
     cache: str | Path | None | bool = True,
     progress: bool = True,
+    device: str | torch.device | None = "auto",
+    **sample_options,
 ) -> EvalReport:
     """Draw ``num`` samples from the run (``sampler`` on ``steps`` points of ``grid``; steps None = the
     full chain) and compare them with the reference split; write RUN/eval/eval_*.json.
@@ -522,7 +478,12 @@ def eval_run(
     a CPU). With the classifier, ``train_vs_ref`` gives the same metrics for ``num`` real training
     images: the value a perfect model would get under this protocol. 2-D data: sliced Wasserstein,
     MMD (RBF), energy distance against ``ref_num`` (default ``num``) fresh points of the reference
-    split, and, for Gaussian mixtures, the samples' mean -log p under the true density."""
+    split, and, for Gaussian mixtures, the samples' mean -log p under the true density.
+
+    Sampling goes through the run's one sampling path (``ddpm.runs.iter_samples``): every [sample]
+    option of the run (eta, order, clip_x0, dynamic_threshold) applies unless ``sample_options``
+    overrides it; ``sampler``, ``steps`` and ``grid`` are this protocol's own (DPM-Solver++, 50 steps,
+    the sampler's default grid)."""
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
     _check_positive("ref_num", ref_num)
@@ -533,7 +494,12 @@ def eval_run(
         raise ConfigError(f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")
     if features not in FEATURES:
         raise ConfigError(f"unknown features {features!r}; known: {', '.join(FEATURES)}")
-    model, config, ckpt = load_run_model(run_dir, use_ema=use_ema)
+    run = load_run(run_dir, use_ema=use_ema, device=device)
+    model, ckpt = run.model, run.checkpoint
+    given = {"sampler": sampler, "grid": grid, **sample_options}
+    config = merge_config(
+        run.config, {"sample": {k: v for k, v in given.items() if v is not None}}, "eval options"
+    )
     T = config.diffusion.num_timesteps
     if steps is not None:
         _check_positive("steps", steps)
@@ -552,20 +518,20 @@ def eval_run(
             extractors.append(inception_extractor())
 
     start = time.monotonic()
-    samples = draw_samples(
+    samples = draw(
         model,
-        config,
+        run.schedule,
         shape,
+        config,
         num=num,
-        sampler=sampler,
-        steps=steps,
-        grid=grid,
+        steps=T if steps is None else steps,
         seed=seed,
         batch_size=batch_size,
+        device=run.device,
         progress=progress,
-    )
+    ).x0
     sample_seconds = time.monotonic() - start
-    reference = _load_split(config, ref_split)
+    reference = load_data(config, ref_split)
     protocol = {
         "run": str(run_dir),
         "checkpoint_step": ckpt.step,
@@ -575,6 +541,10 @@ def eval_run(
         "sampler": sampler,
         "steps": steps if steps is not None else T,
         "grid": grid if steps is not None and steps < T else "full chain",
+        "sampler_options": {
+            k: v for k, v in sampler_options(config, is_image=kind == "image").items()
+        },
+        "device": describe_device(run.device),
         "num_timesteps": T,
         "seed": seed,
         "reference_split": ref_split,
@@ -608,7 +578,7 @@ def eval_run(
                 "precision_recall_k": 3,
             }
             if ex.name == "classifier" and ref_split != "train":
-                train = _load_split(config, "train")
+                train = load_data(config, "train")
                 idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
                 floor = image_metrics(train.x[idx[:num]], ref_feats, ex, seed=seed)
                 block["train_vs_ref"] = {

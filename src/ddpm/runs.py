@@ -16,13 +16,20 @@ good checkpoint's network), samples from it, describes it, and draws the forward
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ddpm import viz
 from ddpm.checkpoint import (
@@ -41,9 +48,11 @@ from ddpm.config import (
     merge_config,
 )
 from ddpm.data import load_dataset
+from ddpm.devices import default_sample_batch, resolve_device
 from ddpm.errors import ConfigError, DDPMError, RunDirError
 from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet
-from ddpm.samplers import DEFAULT_GRIDS, sample, timestep_grid
+from ddpm.objective import Objective
+from ddpm.samplers import DEFAULT_GRIDS, SamplerOutput, sample, timestep_grid
 from ddpm.schedules import NoiseSchedule
 
 Tensor = torch.Tensor
@@ -154,36 +163,117 @@ def save_run_config(config: RunConfig, path: Path) -> None:
     atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
-def draw(
+# --------------------------------------------------------------------------------------------------
+# the parts of a run, built from its config in one place
+# --------------------------------------------------------------------------------------------------
+
+
+def load_data(config: RunConfig, split: str | None = None, *, seed: int | None = None):
+    """The run's data set (``split`` None: the one it trains on), as every command loads it."""
+    d = config.data
+    return load_dataset(
+        d.name,
+        split=d.split if split is None else split,
+        root=d.root,
+        image_size=d.image_size,
+        num_points=d.num_points,
+        seed=config.train.seed if seed is None else seed,
+    )
+
+
+def build_objective(config: RunConfig, kind: str) -> Objective:
+    """The training objective of a resolved config, for data of the given kind."""
+    dc, tc = config.diffusion, config.train
+    return Objective(
+        build_schedule(dc),
+        prediction=dc.prediction,
+        variance=dc.variance,
+        loss=dc.objective,
+        vlb_weight=tc.vlb_weight,
+        min_snr_gamma=tc.min_snr_gamma,
+        offset_noise=tc.offset_noise,
+        decoder="gaussian" if kind == "points" else "discretized",
+        timestep_sampler=tc.timestep_sampler,
+    )
+
+
+def sampler_options(config: RunConfig, *, is_image: bool) -> dict[str, Any]:
+    """The keyword arguments of ``ddpm.samplers.sample`` that a run's [diffusion] and [sample] give:
+    prediction, variance, clipping / dynamic thresholding (images only) and the sampler's own options."""
+    sc = config.sample
+    return {
+        "prediction": config.diffusion.prediction,
+        "variance": config.diffusion.variance,
+        "clip_x0": sc.clip_x0 and is_image,
+        "dynamic_threshold": sc.dynamic_threshold if is_image else None,
+        **sc.sampler_options(),
+    }
+
+
+def iter_samples(
     model,
     schedule: NoiseSchedule,
     shape,
     config: RunConfig,
     *,
-    num,
-    steps,
-    seed,
+    num: int,
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
     record=(),
-    progress=False,
+    progress: bool = False,
 ):
-    """Samples from the model with the run's diffusion settings and [sample] options."""
+    """The one way a run is sampled (training previews, ``ddpm sample``, ``ddpm eval``): ``num``
+    samples with the run's [sample] settings (``config.sample``: sampler, grid, options) on ``steps``
+    points (None: the sample config's steps, else all T), in batches of ``batch_size`` (bounded
+    memory; default by device, ``devices.default_sample_batch``), yielding one ``SamplerOutput`` per
+    batch. One CPU generator seeded with ``seed`` draws x_T and every z of all batches in turn, so the
+    samples are the same on every device for a given (seed, batch_size)."""
+    device = torch.device(device) if device is not None else _device_of(model)
     is_image = len(shape) > 1
-    return sample(
-        model,
-        schedule,
-        (num, *shape),
-        sampler=config.sample.sampler,
-        num_steps=min(steps, schedule.num_timesteps),
-        grid=config.sample.grid,
-        generator=torch.Generator().manual_seed(seed),
-        prediction=config.diffusion.prediction,
-        variance=config.diffusion.variance,
-        clip_x0=config.sample.clip_x0 and is_image,
-        dynamic_threshold=config.sample.dynamic_threshold if is_image else None,
-        **config.sample.sampler_options(),
-        record=record,
-        progress=progress,
-    )
+    T = schedule.num_timesteps
+    steps = config.sample.steps if steps is None else steps
+    steps = T if steps is None else min(int(steps), T)
+    if batch_size is None:
+        batch_size = default_sample_batch(device, "image" if is_image else "points")
+    generator = torch.Generator().manual_seed(seed)
+    options = sampler_options(config, is_image=is_image)
+    bar = tqdm(total=num, desc="sampling", unit="sample", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            yield sample(
+                model,
+                schedule,
+                (n, *shape),
+                sampler=config.sample.sampler,
+                num_steps=steps,
+                grid=config.sample.grid,
+                generator=generator,
+                device=device,
+                record=record if start == 0 else (),
+                progress=progress and num <= batch_size,
+                **options,
+            )
+            bar.update(n)
+    finally:
+        bar.close()
+
+
+def draw(model, schedule: NoiseSchedule, shape, config: RunConfig, *, num, **options):
+    """All ``num`` samples of ``iter_samples`` as one SamplerOutput (x0 on the CPU, float32; the
+    trajectory of the first batch)."""
+    parts = list(iter_samples(model, schedule, shape, config, num=num, **options))
+    x0 = torch.cat([p.x0.float().cpu() for p in parts])
+    return SamplerOutput(x0, parts[0].trajectory if parts else {})
+
+
+def _device_of(model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
 
 
 def default_num(shape) -> int:
@@ -199,13 +289,42 @@ def save_samples(
 
 
 class SampleResult(NamedTuple):
-    """Paths written by ``sample_run`` and the samples themselves ([N, C, H, W] or [N, D], float)."""
+    """Paths written by ``sample_run`` and the first samples ([N, C, H, W] or [N, D], float; at most
+    one batch: the rest went straight to the .npz)."""
 
     png: Path
     npz: Path
     trajectory_png: Path | None
     step: int
     x0: Tensor
+    num: int = 0
+
+
+class LoadedRun(NamedTuple):
+    """A trained run read back: its config, newest good checkpoint, network (eval mode, on ``device``),
+    schedule, and what its data look like."""
+
+    config: RunConfig
+    checkpoint: Checkpoint
+    model: torch.nn.Module
+    schedule: NoiseSchedule
+    kind: str
+    sample_shape: tuple[int, ...]
+    device: torch.device
+
+
+def load_run(
+    run_dir: str | Path, *, use_ema: bool = True, device: torch.device | str | None = "auto"
+) -> LoadedRun:
+    """The network of the newest good checkpoint of a run (EMA weights by default) on ``device``."""
+    device = resolve_device(device)
+    model, config, ckpt = load_run_model(run_dir, use_ema=use_ema)
+    data = ckpt.meta.get("data", {})
+    shape = tuple(int(s) for s in data.get("sample_shape", ()))
+    kind = data.get("kind", "image" if len(shape) > 1 else "points")
+    return LoadedRun(
+        config, ckpt, model.to(device), build_schedule(config.diffusion), kind, shape, device
+    )
 
 
 def load_run_model(
@@ -232,67 +351,176 @@ def sample_run(
     out_dir: str | Path | None = None,
     trajectory: bool = False,
     progress: bool = True,
+    device: torch.device | str | None = "auto",
+    batch_size: int | None = None,
     **sample_options,
 ) -> SampleResult:
-    """Draw samples from a trained run and write ``<out_dir>/step_XXXXXXX_seedS.png`` (grid or scatter)
-    and ``.npz`` (``x0`` float32 as sampled; for images also ``images``, uint8 [N, H, W, C]), plus, with
-    ``trajectory``, a picture of the reverse process. Unset options come from the run's [sample] config;
-    ``out_dir`` defaults to RUN/generated. ``sample_options`` override other [sample] keys (sampler,
-    grid, eta, order, clip_x0, dynamic_threshold); None leaves a key as the run has it."""
+    """Draw samples from a trained run and write ``<out_dir>/step_XXXXXXX_seedS.png`` (a grid of the
+    first 64 images, or a scatter) and ``.npz`` (``x0`` float32 as sampled; for images also
+    ``images``, uint8 [N, H, W, C]), plus, with ``trajectory``, a picture of the reverse process.
+    Samples are drawn ``batch_size`` at a time and streamed to disk, so memory stays bounded whatever
+    ``num``; the .npz appears complete or not at all. Unset options come from the run's [sample]
+    config; ``out_dir`` defaults to RUN/generated. ``sample_options`` override other [sample] keys
+    (sampler, grid, eta, order, clip_x0, dynamic_threshold); None leaves a key as the run has it."""
     given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, **sample_options}
     run_config = load_run_config(run_dir)
     sc = merge_config(
         run_config, {"sample": {k: v for k, v in given.items() if v is not None}}, "sample options"
     ).sample
-    model, config, ckpt = load_run_model(run_dir, use_ema=sc.use_ema)
-    schedule = build_schedule(config.diffusion)
-    T = schedule.num_timesteps
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+    run = load_run(run_dir, use_ema=sc.use_ema, device=device)
+    schedule, shape, T = run.schedule, run.sample_shape, run.schedule.num_timesteps
     num_steps = T if sc.steps is None else sc.steps
     if num_steps > T:
         raise ConfigError(f"steps must be at most T={T}, got {num_steps}")
-    shape = tuple(ckpt.meta["data"]["sample_shape"])
+    num = default_num(shape) if sc.num is None else sc.num
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
+    how = "" if sc.sampler == "ancestral" else f"_{sc.sampler}{num_steps}"
+    stem = f"step_{run.checkpoint.step:07d}_seed{sc.seed}{how}" + ("" if sc.use_ema else "_raw")
+    is_image = len(shape) > 1
+    dims = math.prod(shape)
+    columns = {"x0": (np.float32, (num, *shape))}
+    if is_image:
+        columns["images"] = (np.uint8, (num, shape[1], shape[2], shape[0]))
+    check_disk_space(out_dir, sum(np.dtype(t).itemsize for t, _ in columns.values()) * dims * num)
     grid = sc.grid or DEFAULT_GRIDS[sc.sampler]
     kept = timestep_grid(schedule, num_steps, grid) if num_steps < T else torch.arange(T)
     record = sorted(
         set(np.linspace(0, num_steps - 1, min(num_steps, 9)).round().astype(int).tolist())
     )
-    config = dataclasses.replace(config, sample=sc)
-    num = default_num(shape) if sc.num is None else sc.num
-    out = draw(
-        model,
+    config = dataclasses.replace(run.config, sample=sc)
+    batches = iter_samples(
+        run.model,
         schedule,
         shape,
         config,
         num=num,
         steps=num_steps,
         seed=sc.seed,
+        batch_size=batch_size,
+        device=run.device,
         record=record if trajectory else (),
         progress=progress,
     )
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
-    how = "" if sc.sampler == "ancestral" else f"_{sc.sampler}{num_steps}"
-    stem = f"step_{ckpt.step:07d}_seed{sc.seed}{how}" + ("" if sc.use_ema else "_raw")
-    x0 = out.x0.float().cpu()
-    arrays = {"x0": x0.numpy()}
-    if x0.ndim == 4:
-        arrays["images"] = viz.to_uint8(x0)
-    png = save_samples(x0, out_dir / f"{stem}.png", title=f"step {ckpt.step}")
-    npz = _save_npz(out_dir / f"{stem}.npz", arrays)
+    first: list = []
+
+    def arrays():
+        for out in batches:
+            x0 = out.x0.float().cpu()
+            if not first:
+                first.append(out._replace(x0=x0))
+            chunk = {"x0": x0.numpy()}
+            if is_image:
+                chunk["images"] = viz.to_uint8(x0)
+            yield chunk
+
+    npz = write_npz_stream(out_dir / f"{stem}.npz", columns, arrays())
+    head = first[0]
+    png = save_samples(
+        head.x0[:PREVIEW_IMAGES] if is_image else head.x0,
+        out_dir / f"{stem}.png",
+        title=f"step {run.checkpoint.step}",
+    )
     traj_png = None
     if trajectory:
         labels = {i: f"t={int(kept[i]) + 1}" for i in record}
         traj_png = viz.save_trajectory(
-            out.trajectory, out_dir / f"{stem}_trajectory.png", labels=labels
+            head.trajectory, out_dir / f"{stem}_trajectory.png", labels=labels
         )
-    return SampleResult(png, npz, traj_png, ckpt.step, x0)
+    return SampleResult(png, npz, traj_png, run.checkpoint.step, head.x0, num)
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    import io
+def check_disk_space(folder: Path, needed: int) -> None:
+    """A one-line error before any work if ``needed`` bytes (plus the temporary copy) cannot fit."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if 2 * needed > free:  # the arrays are staged in temporary files, then copied into the .npz
+        raise DDPMError(
+            f"{needed / 1e9:.3g} GB of samples (and as much again while writing) do not fit in the "
+            f"{free / 1e9:.3g} GB free under {probe}; ask for fewer with --num or use --out elsewhere"
+        )
 
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return atomic_write_bytes(path, buffer.getvalue())
+
+def write_npz_stream(path: Path, columns: dict[str, tuple], chunks) -> Path:
+    """Write an .npz of the named arrays {name: (dtype, shape)} whose rows arrive in ``chunks`` (dicts
+    of row blocks), holding one block in memory at a time. Each array is staged in a temporary .npy
+    beside ``path`` (``np.lib.format.open_memmap``), then the .npz is assembled and renamed into place:
+    it appears complete or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = {
+            name: np.lib.format.open_memmap(tmp_dir / f"{name}.npy", "w+", np.dtype(dt), shape)
+            for name, (dt, shape) in columns.items()
+        }
+        rows = 0
+        for chunk in chunks:
+            n = len(next(iter(chunk.values())))
+            for name, block in chunk.items():
+                staged[name][rows : rows + n] = block
+            rows += n
+        for array in staged.values():
+            array.flush()
+        del staged
+        tmp_npz = tmp_dir / "out.npz"
+        with zipfile.ZipFile(tmp_npz, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name in columns:
+                with (
+                    open(tmp_dir / f"{name}.npy", "rb") as src,
+                    zf.open(f"{name}.npy", "w", force_zip64=True) as dst,
+                ):
+                    shutil.copyfileobj(src, dst, 1 << 22)
+        with open(tmp_npz, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_npz, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# one trainer per run directory
+# --------------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive OS lock (``flock``) on RUN/.lock while training: a second trainer of the same
+    run gets a one-line RunDirError naming the holder's PID. The kernel releases the lock when the
+    process dies, so a killed run never leaves a stale lock; readers (sample, eval, nll) never lock."""
+    import fcntl
+
+    created_dir = not run_dir.exists()
+    lock = run_dir / LOCK_FILE
+    created_lock = not lock.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            created_lock = created_dir = False  # the holder's, not ours to remove
+            raise RunDirError(
+                f"{run_dir} is being trained by another process (PID {holder}); wait for it to "
+                "finish or stop it, or use another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        # A run that failed before writing its config leaves nothing behind, not even the lock.
+        if created_lock and not (run_dir / CONFIG_FILE).exists():
+            lock.unlink(missing_ok=True)
+            if created_dir and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        os.close(fd)  # releases the lock
 
 
 def describe_run(run_dir: str | Path) -> str:
@@ -325,12 +553,14 @@ def describe_run(run_dir: str | Path) -> str:
     )
     lines.append(
         f"training:   batch {tc.batch_size}, lr {tc.lr:g}, EMA {tc.ema_decay:g}, seed {tc.seed}"
-        + (", bf16" if tc.bf16 else "")
+        + f", precision {tc.precision}"
     )
     if meta is not None:
         lines.append(
             f"step:       {meta['step']} ({meta.get('elapsed_s', 0.0) / 60:.1f} min of training)"
         )
+        if meta.get("trained_on"):
+            lines.append(f"trained on: {'; then '.join(meta['trained_on'])}")
     else:
         lines.append("step:       0 (no checkpoint yet)")
     log = run_dir / LOG_FILE

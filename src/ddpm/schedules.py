@@ -11,6 +11,7 @@ unless the schedule was respaced), while every coefficient here is gathered by i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -131,6 +132,12 @@ class NoiseSchedule:
 
     def __len__(self) -> int:
         return self.num_timesteps
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """The same schedule with every tensor on ``device`` (float64 stays float64)."""
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
+        )
 
     def __repr__(self) -> str:
         return (

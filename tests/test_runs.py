@@ -1,0 +1,177 @@
+"""What can be done with a run directory: one sampling path for previews, ``ddpm sample`` and
+``ddpm eval``; any number of samples in bounded memory; one trainer per run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ddpm.runs
+from ddpm.cli import main
+from ddpm.errors import RunDirError
+from ddpm.evaluate import eval_run
+from ddpm.runs import load_run_config, lock_run_dir, sample_run, save_run_config
+from ddpm.train import train
+
+
+@pytest.fixture
+def spy_sampler(monkeypatch):
+    """Every call of the sampler behind the one sampling path, with its keyword arguments."""
+    calls = []
+    real = ddpm.runs.sample
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ddpm.runs, "sample", spy)
+    return calls
+
+
+@pytest.fixture
+def run_with_sample_options(trained_run, tmp_path) -> Path:
+    """A copy of the trained run whose [sample] says DPM-Solver++ order 3, no clipping, dynamic
+    thresholding at 0.9, DDIM eta 0.5."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = load_run_config(run)
+    sample = {"sampler": "dpm_solver", "order": 3, "clip_x0": False, "dynamic_threshold": 0.9}
+    config = ddpm.runs.merge_config(config, {"sample": {**sample, "eta": 0.5}})
+    save_run_config(config, run / "config.json")
+    return run
+
+
+def test_sample_and_eval_both_honour_the_runs_sample_section(
+    run_with_sample_options, spy_sampler, tmp_path
+):
+    sample_run(run_with_sample_options, num=4, steps=5, out_dir=tmp_path / "s", progress=False)
+    eval_run(run_with_sample_options, num=20, steps=5, out_dir=tmp_path / "e", progress=False)
+    assert len(spy_sampler) == 2
+    for kwargs in spy_sampler:
+        assert kwargs["sampler"] == "dpm_solver"
+        assert kwargs["order"] == 3
+        assert kwargs["clip_x0"] is False
+        assert kwargs["dynamic_threshold"] == 0.9
+
+
+def test_eval_records_the_sampler_options_it_used(run_with_sample_options, tmp_path):
+    report = eval_run(run_with_sample_options, num=20, steps=5, out_dir=tmp_path, progress=False)
+    options = report.results["protocol"]["sampler_options"]
+    assert options["order"] == 3 and options["clip_x0"] is False
+    assert json.loads(report.json_path.read_text())["protocol"]["sampler_options"] == options
+
+
+def test_eval_options_override_the_run(run_with_sample_options, spy_sampler, tmp_path):
+    eval_run(
+        run_with_sample_options, num=20, steps=5, out_dir=tmp_path, progress=False, order=1,
+        sampler="ddim",
+    )  # fmt: skip
+    assert spy_sampler[0]["sampler"] == "ddim" and spy_sampler[0]["eta"] == 0.5
+    assert "order" not in spy_sampler[0]
+
+
+def test_training_previews_use_the_same_path(make_config, spy_sampler, tmp_path):
+    train(make_config(steps=2), tmp_path / "run", progress=False, verbose=False)
+    assert len(spy_sampler) == 1  # the final picture
+    assert spy_sampler[0]["clip_x0"] is True and spy_sampler[0]["sampler"] == "ancestral"
+
+
+# --------------------------------------------------------------------------------------------------
+# any number of samples, bounded memory
+# --------------------------------------------------------------------------------------------------
+
+
+def test_samples_are_drawn_in_batches_and_streamed_into_one_npz(trained_run, spy_sampler, tmp_path):
+    result = sample_run(
+        trained_run, num=10, steps=3, batch_size=4, out_dir=tmp_path, progress=False
+    )
+    assert [len(call) > 0 for call in spy_sampler] == [True] * 3  # batches of 4, 4, 2
+    with np.load(result.npz, allow_pickle=False) as f:
+        assert f["x0"].shape == (10, 1, 8, 8) and f["x0"].dtype == np.float32
+        assert f["images"].shape == (10, 8, 8, 1) and f["images"].dtype == np.uint8
+        np.testing.assert_array_equal(f["x0"][:4], result.x0[:4].numpy())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([result.npz.name, result.png.name])
+
+
+def test_sampling_is_deterministic_for_a_seed_and_batch_size(trained_run, tmp_path):
+    a = sample_run(
+        trained_run, num=6, steps=3, batch_size=4, out_dir=tmp_path / "a", progress=False
+    )
+    b = sample_run(
+        trained_run, num=6, steps=3, batch_size=4, out_dir=tmp_path / "b", progress=False
+    )
+    with np.load(a.npz) as fa, np.load(b.npz) as fb:
+        np.testing.assert_array_equal(fa["x0"], fb["x0"])
+
+
+def test_a_request_that_cannot_fit_the_disk_is_one_line_and_writes_nothing(
+    trained_run, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    code = main(["sample", str(trained_run), "--num", "100000000000", "--out", str(out), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "do not fit" in err[0] and "--num" in err[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_interrupted_write_leaves_no_npz(trained_run, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ddpm.runs.shutil, "copyfileobj", broken)
+    with pytest.raises(OSError):
+        sample_run(trained_run, num=3, steps=2, out_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.npz")) and not list(tmp_path.glob(".*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# one trainer per run directory
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_second_trainer_of_a_run_is_refused_naming_the_holder(make_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    with lock_run_dir(run):
+        code = main(["train", "--run-dir", str(run), "--steps", "1", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1
+    assert f"PID {os.getpid()}" in err[0] and "another process" in err[0]
+    assert not (run / "config.json").exists()
+
+
+def test_sampling_a_run_being_trained_is_allowed(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    with lock_run_dir(run):
+        result = sample_run(run, num=2, steps=2, out_dir=tmp_path / "s", progress=False)
+    assert result.x0.shape[0] == 2
+
+
+def test_the_lock_of_a_killed_trainer_is_released_by_the_kernel(make_config, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from ddpm.runs import lock_run_dir\n"
+         "with lock_run_dir(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
+         str(run)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=f"PID {holder.pid}"):
+            train(make_config(steps=1), run, progress=False, verbose=False)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    result = train(make_config(steps=1), run, progress=False, verbose=False)
+    assert result.step == 1
