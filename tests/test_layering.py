@@ -18,6 +18,7 @@ LAYERS = {
     "likelihood": 2, "samplers": 2, "oracle": 2,
     "nets": 3, "data": 3, "metrics": 3, "viz": 3,
     "config": 4, "checkpoint": 4, "distributed": 4, "runs": 4, "train": 4, "evaluate": 4,
+    "interop": 4,
     "cli": 4, "__main__": 4, "__init__": 4,
 }  # fmt: skip
 MATH = {"schedules", "diffusion", "losses"}

@@ -675,30 +675,30 @@ class ExportReport(NamedTuple):
 
 def _preset_for(net: UNet) -> tuple[str, dict[str, Any], list[str]]:
     """(preset, [model] overrides, differences): the preset whose build with the overridable keys
-    of ``ModelConfig`` reproduces ``net``'s config, so that ``ddpm train`` rebuilds the same network.
-    With none, the closest preset and the keys it cannot reproduce."""
+    of ``ModelConfig`` reproduces ``net``'s config, so that ``ddpm train`` rebuilds the same network
+    (the one needing the fewest overrides). With none, the closest preset and what it cannot
+    reproduce."""
     target = net.config
     overridable = ("base_channels", "channel_mult", "num_res_blocks")
     overridable += ("attention_resolutions", "num_heads", "dropout")
+    shape = {
+        "in_channels": target["in_channels"],
+        "image_size": target["image_size"],
+        "learn_sigma": target["learn_sigma"],
+    }
     best = None
     for name in UNET_PRESETS:
-        overrides = {k: target[k] for k in overridable}
+        with torch.device("meta"):
+            plain = build_unet(name, **shape).config
+            overrides = {k: target[k] for k in overridable if plain[k] != target[k]}
+            built = build_unet(name, **shape, **overrides).config
         for groups in _equivalent_groups(net):
             candidate = {**target, "norm_groups": groups}
-            with torch.device("meta"):
-                built = build_unet(
-                    name,
-                    in_channels=target["in_channels"],
-                    image_size=target["image_size"],
-                    learn_sigma=target["learn_sigma"],
-                    **overrides,
-                )
-            diff = sorted(k for k in candidate if built.config.get(k) != candidate[k])
-            if best is None or len(diff) < len(best[2]):
-                best = (name, overrides, diff)
-            if not diff:
-                return best
-    return best
+            diff = sorted(k for k in candidate if built.get(k) != candidate[k])
+            score = (len(diff), len(overrides))
+            if best is None or score < best[0]:
+                best = (score, (name, overrides, diff))
+    return best[1]
 
 
 def _equivalent_groups(net: UNet) -> list[int | None]:
