@@ -531,9 +531,12 @@ def schedule_from_diffusers(
     if config.get("thresholding", False):
         sample["dynamic_threshold"] = float(config.get("dynamic_thresholding_ratio", 0.995))
         notes.append("dynamic thresholding kept without diffusers' sample_max_value cap")
-    for key in ("timestep_spacing", "steps_offset"):
-        if key in config:
-            notes.append(f"{key} not kept: ddpm picks its own grid for short chains (--grid)")
+    spacing = (config.get("timestep_spacing", "leading"), config.get("steps_offset", 0))
+    if spacing != ("leading", 0):
+        notes.append(
+            f"timestep_spacing {spacing[0]!r}, steps_offset {spacing[1]} not kept: they choose "
+            "diffusers' short-chain grid; ddpm picks its own (--grid)"
+        )
     return diffusion, sample, notes
 
 
