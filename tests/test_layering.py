@@ -15,11 +15,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ddpm"
 LAYERS = {
     "errors": 0,
     "schedules": 1, "diffusion": 1, "losses": 1,
-    "likelihood": 2, "samplers": 2, "oracle": 2,
+    "likelihood": 2, "samplers": 2, "oracle": 2, "objective": 2,
     "nets": 3, "data": 3, "metrics": 3, "viz": 3,
-    "objective": 2,
     "config": 4, "checkpoint": 4, "distributed": 4, "runs": 4, "train": 4, "evaluate": 4,
-    "devices": 4, "train_state": 4, "trainlog": 4,
+    "devices": 4, "train_state": 4, "trainlog": 4, "interop": 4,
     "cli": 4, "__main__": 4, "__init__": 4,
 }  # fmt: skip
 MATH = {"schedules", "diffusion", "losses"}

@@ -153,3 +153,67 @@ def test_oracle_bound_on_a_gaussian_mixture_is_within_a_stated_tolerance_of_its_
     mean, se = gap.mean().item(), gap.std().item() / math.sqrt(len(gap))
     assert mean > -3 * se
     assert mean < TOLERANCE_BPD
+
+
+# ---------------------------------------------------------------- the bound of a clipping sampler
+
+
+def _eight_bit_images(n: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 4, 4), generator=g).float() / 127.5 - 1
+
+
+def test_clipping_changes_nothing_when_the_x0_predictions_lie_inside_the_data_range():
+    s = NoiseSchedule.from_name("linear", 50)
+    x0 = _eight_bit_images()
+
+    def inside(x_t, t):  # an x0-predicting model whose predictions never leave (-0.9, 0.9)
+        return 0.9 * torch.tanh(x_t)
+
+    kw = dict(prediction="x0", decoder="discretized")
+    plain = variational_bound(inside, s, x0, generator=torch.Generator().manual_seed(1), **kw)
+    clipped = variational_bound(
+        inside, s, x0, generator=torch.Generator().manual_seed(1), clip_x0=True, **kw
+    )
+    assert torch.equal(plain.terms_bpd, clipped.terms_bpd)
+    assert torch.equal(plain.total_bpd, clipped.total_bpd)
+
+
+def test_clipped_bound_is_improved_diffusions_clip_denoised_term_by_term():
+    """improved-diffusion's _vb_terms_bpd(clip_denoised=True): x0 from eps, clamped to [-1, 1],
+    then the posterior mean of eq. 7 from the clamped x0; KL to the true posterior per step, the
+    discretized decoder at t = 0; both averaged over dimensions, in bits."""
+    from ddpm.diffusion import q_posterior_mean_variance, q_sample
+    from ddpm.losses import discretized_gaussian_log_likelihood, normal_kl
+
+    s = NoiseSchedule.from_name("linear", 30)
+    x0 = _eight_bit_images()
+
+    def overshooting(x_t, t):  # eps that put x0_pred far outside [-1, 1]
+        return -2.0 * x_t
+
+    clipped = variational_bound(
+        overshooting, s, x0, generator=torch.Generator().manual_seed(2), clip_x0=True
+    )
+    plain = variational_bound(overshooting, s, x0, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(clipped.terms_bpd, plain.terms_bpd)
+
+    g = torch.Generator().manual_seed(2)
+    for i in range(s.num_timesteps):
+        t = torch.full((x0.shape[0],), i)
+        eps = torch.randn(x0.shape, generator=g)
+        x_t = q_sample(s, x0, t, eps)
+        ab = s.alpha_bar[i].float()
+        x0_pred = ((x_t - (1 - ab).sqrt() * overshooting(x_t, t)) / ab.sqrt()).clamp(-1, 1)
+        mean = (
+            s.posterior_mean_coef_x0[i].float() * x0_pred
+            + s.posterior_mean_coef_xt[i].float() * x_t
+        )
+        log_var = s.posterior_log_variance_clipped[i].float().expand_as(x0)
+        if i == 0:
+            nats = -discretized_gaussian_log_likelihood(x0, mean, log_var)
+        else:
+            true = q_posterior_mean_variance(s, x0, x_t, t)
+            nats = normal_kl(true.mean, true.log_variance, mean, log_var)
+        expected_bpd = nats.reshape(x0.shape[0], -1).mean(1) / LN2
+        torch.testing.assert_close(clipped.terms_bpd[:, i], expected_bpd, rtol=1e-5, atol=1e-5)

@@ -199,7 +199,7 @@ def test_small_preset_has_diffusers_peers_2_7m_parameters_within_10_percent():
 
 
 def test_presets_are_plain_data():
-    assert set(UNET_PRESETS) == {"tiny", "small", "cifar10"}
+    assert set(UNET_PRESETS) == {"tiny", "small", "cifar10", "ho2020"}
     json.dumps(UNET_PRESETS)
 
 

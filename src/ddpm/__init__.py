@@ -52,6 +52,8 @@ _LAZY = {
     "RunConfig": "ddpm.config",
     "nll_run": "ddpm.evaluate",
     "eval_run": "ddpm.evaluate",
+    "import_diffusers": "ddpm.interop",
+    "export_diffusers": "ddpm.interop",
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``ddpm`` command: train, sample, info, forward, nll, eval.
+"""The ``ddpm`` command: train, sample, info, forward, nll, eval, import, export.
 
 Each subcommand turns its arguments into a call of one library function. Every user-facing failure is
 printed as a single line ``ddpm: error: <message>`` on stderr and exits with the error's code (see
@@ -224,6 +224,45 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     print(f"results:    {report.json_path}")
     return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from ddpm.interop import import_diffusers
+
+    r = import_diffusers(args.src, args.run_dir, data=args.data, data_root=args.data_root)
+    d = r.config.diffusion
+    print(f"run:        {r.run_dir} ({r.num_parameters:,} parameters, model {r.preset})")
+    print(f"diffusion:  {d.schedule}, T={d.num_timesteps}, predicts {d.prediction}, {d.variance}")
+    print(f"checkpoint: {r.checkpoint}")
+    for note in r.notes:
+        print(f"note:       {note}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ddpm.interop import export_diffusers
+
+    r = export_diffusers(args.run, args.out, use_ema=not args.raw)
+    print(f"pipeline:   {r.out_dir} (DDPMPipeline.from_pretrained)")
+    print(f"unet:       {r.unet_dir} ({r.num_parameters:,} parameters)")
+    print(f"scheduler:  {r.scheduler_config}")
+    return 0
+
+
+def _add_interop_commands(sub) -> None:
+    p = sub.add_parser("import", help="a diffusers UNet2DModel folder -> a ddpm run directory")
+    p.add_argument("src", metavar="DIR", help="model or pipeline folder (safetensors weights)")
+    p.add_argument("--run-dir", required=True, metavar="RUN", help="new run directory")
+    p.add_argument(
+        "--data", metavar="NAME", help="data set for nll/eval/train (cifar10 at 3x32x32)"
+    )
+    p.add_argument("--data-root", metavar="PATH", help="where that data set's files are")
+    p.set_defaults(func=_cmd_import)
+    p = sub.add_parser("export", help="a ddpm run -> a diffusers DDPMPipeline folder")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("out", metavar="DIR", help="new folder to write")
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    p.set_defaults(func=_cmd_export)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+    _add_interop_commands(sub)
     return parser
 
 

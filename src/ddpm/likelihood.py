@@ -63,11 +63,17 @@ def variational_bound(
     num_eval_steps: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    clip_x0: bool = False,
 ) -> BoundTerms:
     """L_T + sum_t L_{t-1} + L_0 for a batch x0 [B, ...], each term in bits/dim (see module docstring).
 
     ``decoder`` is "discretized" for 8-bit images in [-1, 1] (eq. 13) or "gaussian" for continuous data.
     The model is called as ``model(x_t, schedule.timesteps[t])`` on the chain it was trained on.
+
+    ``clip_x0`` clamps the x_0 prediction to [-1, 1] before the posterior mean mu~_t(x0_pred, x_t)
+    is formed (``p_mean_variance(clip_x0=True)``): the bound of the model that a clipping sampler
+    draws from, and what improved-diffusion's ``calc_bpd_loop`` reports by default
+    (``clip_denoised=True``). x0_mse and eps_mse then measure the clamped prediction, as there.
     """
     T = schedule.num_timesteps
     num_dims = x0[0].numel()
@@ -84,7 +90,13 @@ def variational_bound(
         x_t = q_sample(schedule, x0, t, eps)
         out = model(x_t, schedule.timesteps[t.cpu()].to(x0.device))
         pmv = p_mean_variance(
-            schedule, x_t, t, out.to(x0.dtype), prediction=prediction, variance=variance
+            schedule,
+            x_t,
+            t,
+            out.to(x0.dtype),
+            prediction=prediction,
+            variance=variance,
+            clip_x0=clip_x0,
         )
         nats = vlb_term(
             schedule, x0, x_t, t, pmv.model_mean, pmv.model_log_variance, decoder=decoder

@@ -4,7 +4,7 @@ Nothing is downloaded or cached: every source reads files already on the machine
 data. ``load_dataset(name, ...)`` looks ``name`` up in ``DATASETS``; a new source is a function there.
 
 Sources: ``digits`` (the default; scikit-learn's 8x8 digits), ``mnist``, ``fashion-mnist`` (installed
-packages or IDX files under ``root``), ``folder`` (PNG / JPEG images under ``root``), ``npz`` (arrays
+packages or IDX files under ``root``), ``cifar10`` (either official release under ``root``), ``folder`` (PNG / JPEG images under ``root``), ``npz`` (arrays
 in the file ``root``), and the 2-D toy sets ``moons``, ``swissroll``, ``8gaussians``, ``checkerboard``
 and ``gmm`` (the last two Gaussian ones carry their exact density).
 """
@@ -14,15 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ddpm.data.cifar10 import load_cifar10
 from ddpm.data.dataset import ArrayDataset
 from ddpm.data.digits import load_digits
 from ddpm.data.folder import load_folder
 from ddpm.data.mnist import mnist_loader
 from ddpm.data.npz import load_npz
 from ddpm.data.toy import TOY_SETS, toy_loader
+from ddpm.data.transforms import random_hflip
 from ddpm.errors import ConfigError
 
-__all__ = ["DATASETS", "SPLITS", "ArrayDataset", "load_dataset"]
+__all__ = ["DATASETS", "SPLITS", "ArrayDataset", "load_dataset", "random_hflip"]
 
 SPLITS = ("train", "test", "all")
 
@@ -30,6 +32,7 @@ DATASETS: dict[str, Callable[..., ArrayDataset]] = {
     "digits": load_digits,
     "mnist": mnist_loader("mnist"),
     "fashion-mnist": mnist_loader("fashion-mnist"),
+    "cifar10": load_cifar10,
     "folder": load_folder,
     "npz": load_npz,
     **{name: toy_loader(name) for name in TOY_SETS},

@@ -40,3 +40,16 @@ def fit_to_size(x: torch.Tensor, size: int, *, pad_background: bool) -> torch.Te
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
     return quantize_8bit(x[..., top : top + size, left : left + size]).contiguous()
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images [B, C, H, W] with each one mirrored left-right with probability 1/2.
+
+    One uniform draw per image from ``generator`` (which may live on the CPU while ``x`` does not)
+    decides: image b is flipped iff u_b < 1/2. The draw is always B numbers, flipped or not, so the
+    generator's state after a batch depends only on how many batches it has seen (exact resumes).
+    """
+    device = generator.device if generator is not None else x.device
+    flip = torch.rand(x.shape[0], generator=generator, device=device) < 0.5
+    flip = flip.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+    return torch.where(flip, x.flip(-1), x)

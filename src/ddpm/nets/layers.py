@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor,
+    dim: int,
+    max_period: float = 10000.0,
+    *,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+) -> torch.Tensor:
     """Sinusoidal embedding of the timesteps ``t`` [B] (int or float), shape [B, dim].
 
     With ``half = dim // 2`` and frequencies ``w_i = max_period ** (-i / half)``, i = 0..half-1
@@ -17,16 +24,23 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
         emb(t) = [cos(t * w_0), ..., cos(t * w_{half-1}), sin(t * w_0), ..., sin(t * w_{half-1})]
 
     An odd ``dim`` gets one trailing zero column.
+
+    Ho et al.'s released code (and diffusers' conversions of it, ``flip_sin_to_cos=False,
+    freq_shift=1``) puts the sines first and uses ``w_i = max_period ** (-i / (half - 1))``: in
+    general ``w_i = max_period ** (-i / (half - freq_shift))``, sines first unless ``flip_sin_to_cos``.
     """
     if t.ndim != 1:
         raise ValueError(f"timesteps must have shape [B], got {tuple(t.shape)}")
     half = dim // 2
     # float32 even for int64 t: the phases t * w_i stay exact enough for t up to ~1e5.
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=t.device)
+        / (half - freq_shift)
     )
     phases = t.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.cos(phases), torch.sin(phases)], dim=1)
+    parts = [torch.cos(phases), torch.sin(phases)]
+    emb = torch.cat(parts if flip_sin_to_cos else parts[::-1], dim=1)
     if dim % 2:
         emb = nn.functional.pad(emb, (0, 1))
     return emb
@@ -42,8 +56,9 @@ def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> 
     return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups(channels), channels)
+def group_norm(channels: int, groups: int | None = None, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm over ``channels``: ``groups`` groups, or ``num_groups(channels)`` when None."""
+    return nn.GroupNorm(num_groups(channels) if groups is None else groups, channels, eps=eps)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +15,19 @@ from ddpm.nets.layers import group_norm, timestep_embedding, zero_module
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv; + projected time embedding; GroupNorm, SiLU, dropout, conv; + skip."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        dropout: float,
+        norm: Callable[[int], nn.Module] = group_norm,
+    ):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_channels, out_channels)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = norm(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = (
@@ -40,14 +47,16 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over the H*W positions with a residual connection (fused QKV, plain matmuls)."""
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(
+        self, channels: int, num_heads: int, norm: Callable[[int], nn.Module] = group_norm
+    ):
         super().__init__()
         if channels % num_heads:
             raise ConfigError(
                 f"{channels} channels cannot be split into {num_heads} attention heads"
             )
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 
@@ -64,13 +73,21 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """3x3 convolution with stride 2 (Ho et al.'s resamp_with_conv)."""
+    """3x3 convolution with stride 2 (Ho et al.'s resamp_with_conv).
 
-    def __init__(self, channels: int):
+    ``padding`` 1: one row/column of zeros on every side. 0: one only at the bottom and right, which
+    is what TensorFlow's "SAME" does at stride 2 on even sizes, so Ho et al.'s released weights (and
+    diffusers' ``downsample_padding=0``) see the pixels they were trained on.
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.pad_bottom_right = padding == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_bottom_right:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -93,6 +110,7 @@ class Upsample(nn.Module):
 
 
 UPSAMPLE_MODES = ("nearest_conv", "conv_nearest")
+DOWNSAMPLE_PADDINGS = (0, 1)
 
 
 class UNet(nn.Module):
@@ -105,6 +123,12 @@ class UNet(nn.Module):
     Output: ``out_channels``, by default ``in_channels`` (twice that with ``learn_sigma``).
     ``upsample``: "nearest_conv" as Ho et al., or "conv_nearest" (see Upsample). Inputs must be
     ``image_size`` square, the size the attention resolutions refer to.
+
+    Numerical details, whose defaults are ddpm's own (improved-diffusion's) and which Ho et al.'s
+    released model sets otherwise (preset "ho2020"; diffusers' UNet2DModel takes the same names):
+    ``norm_groups`` GroupNorm groups everywhere (None: ``layers.num_groups`` of each width),
+    ``norm_eps`` its epsilon, ``flip_sin_to_cos`` / ``freq_shift`` the timestep sinusoids (see
+    ``layers.timestep_embedding``), ``downsample_padding`` 1 or 0 (see Downsample).
     """
 
     def __init__(
@@ -121,6 +145,11 @@ class UNet(nn.Module):
         learn_sigma: bool = False,
         out_channels: int | None = None,
         upsample: str = "nearest_conv",
+        norm_groups: int | None = None,
+        norm_eps: float = 1e-5,
+        flip_sin_to_cos: bool = True,
+        freq_shift: float = 0,
+        downsample_padding: int = 1,
     ):
         super().__init__()
         num_levels = len(channel_mult)
@@ -144,6 +173,15 @@ class UNet(nn.Module):
             raise ConfigError(f"unknown upsample {upsample!r}; known: {', '.join(UPSAMPLE_MODES)}")
         if out_channels is None:
             out_channels = 2 * in_channels if learn_sigma else in_channels
+        if downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ConfigError(f"downsample_padding must be 0 or 1, got {downsample_padding!r}")
+        widths = {base_channels * m for m in channel_mult}
+        widths |= {a + b for a in widths for b in widths}  # the up path's concatenations
+        if norm_groups is not None and any(c % norm_groups for c in widths):
+            raise ConfigError(
+                f"norm_groups {norm_groups} does not divide every width of this U-Net "
+                f"({', '.join(map(str, sorted(widths)))})"
+            )
         self.config = {
             "in_channels": in_channels,
             "image_size": image_size,
@@ -157,6 +195,18 @@ class UNet(nn.Module):
             "out_channels": out_channels,
             "upsample": upsample,
         }
+        self.config.update(
+            norm_groups=norm_groups,
+            norm_eps=float(norm_eps),
+            flip_sin_to_cos=bool(flip_sin_to_cos),
+            freq_shift=freq_shift,
+            downsample_padding=downsample_padding,
+        )
+        self.flip_sin_to_cos, self.freq_shift = bool(flip_sin_to_cos), freq_shift
+
+        def norm(channels: int) -> nn.GroupNorm:
+            return group_norm(channels, norm_groups, norm_eps)
+
         self.in_channels = in_channels
         self.image_size = image_size
         self.out_channels = out_channels
@@ -169,9 +219,9 @@ class UNet(nn.Module):
         )
 
         def block_list(ch_in, ch_out, resolution):
-            layers = nn.ModuleList([ResBlock(ch_in, ch_out, emb_channels, dropout)])
+            layers = nn.ModuleList([ResBlock(ch_in, ch_out, emb_channels, dropout, norm)])
             if resolution in attention_resolutions:
-                layers.append(AttentionBlock(ch_out, num_heads))
+                layers.append(AttentionBlock(ch_out, num_heads, norm))
             return layers
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -184,15 +234,15 @@ class UNet(nn.Module):
                 ch = mult * base_channels
                 skip_channels.append(ch)
             if level != num_levels - 1:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
+                self.down.append(nn.ModuleList([Downsample(ch, downsample_padding)]))
                 skip_channels.append(ch)
                 resolution //= 2
 
         self.middle = nn.ModuleList(
             [
-                ResBlock(ch, ch, emb_channels, dropout),
-                AttentionBlock(ch, num_heads),
-                ResBlock(ch, ch, emb_channels, dropout),
+                ResBlock(ch, ch, emb_channels, dropout, norm),
+                AttentionBlock(ch, num_heads, norm),
+                ResBlock(ch, ch, emb_channels, dropout, norm),
             ]
         )
 
@@ -206,7 +256,7 @@ class UNet(nn.Module):
                     resolution *= 2
                 self.up.append(layers)
 
-        self.norm_out = group_norm(ch)
+        self.norm_out = norm(ch)
         self.conv_out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -221,7 +271,10 @@ class UNet(nn.Module):
             )
         if t.shape != (x.shape[0],):
             raise ConfigError(f"timesteps must have shape [{x.shape[0]}], got {tuple(t.shape)}")
-        emb = F.silu(self.time_embed(timestep_embedding(t, self.base_channels)))
+        sinusoids = timestep_embedding(
+            t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
+        )
+        emb = F.silu(self.time_embed(sinusoids))
 
         h = self.conv_in(x)
         skips = [h]
@@ -273,6 +326,23 @@ UNET_PRESETS: dict[str, dict] = {
         "attention_levels": [1],
         "num_heads": 1,
         "dropout": 0.1,
+    },
+    # The same network with the numerics of Ho et al.'s released TensorFlow code, as diffusers'
+    # google/ddpm-cifar10-32 has them: GroupNorm(32, eps 1e-6), sines before cosines with
+    # frequencies 10000^(-i / (half - 1)), and TensorFlow's "SAME" padding when downsampling. Its
+    # weights load into this preset unchanged (ddpm.interop).
+    "ho2020": {
+        "base_channels": 128,
+        "channel_mult": [1, 2, 2, 2],
+        "num_res_blocks": 2,
+        "attention_levels": [1],
+        "num_heads": 1,
+        "dropout": 0.1,
+        "norm_groups": 32,
+        "norm_eps": 1e-6,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "downsample_padding": 0,
     },
 }
 
