@@ -245,3 +245,15 @@ def test_reference_features_are_computed_once_and_cached(tmp_path):
     b = evaluate.reference_features(ex, data, **kw)
     assert calls == [50] and torch.allclose(a, b)
     assert not list(tmp_path.rglob("*.tmp-*"))  # written atomically
+
+
+def test_nll_clips_x0_as_the_run_samples_unless_told(trained_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    base = ["nll", str(trained_run), "--num", "4", "--steps", "8", "--out", str(out), "-q"]
+    assert main(base) == 0
+    assert "x0 clipped" in capsys.readouterr().out
+    assert main([*base, "--no-clip"]) == 0
+    assert "x0 not clipped" in capsys.readouterr().out
+    clipped = json.loads((out / "nll_test_k8_ema.json").read_text())
+    unclipped = json.loads((out / "nll_test_k8_ema_noclip.json").read_text())
+    assert clipped["protocol"]["clip_x0"] is True and unclipped["protocol"]["clip_x0"] is False

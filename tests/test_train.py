@@ -17,7 +17,7 @@ from ddpm.errors import ConfigError, RunDirError
 from ddpm.losses import training_loss
 from ddpm.runs import describe_run, sample_run
 from ddpm.schedules import NoiseSchedule
-from ddpm.train import DataOrder, ema_decay_at, ema_update, lr_at, train
+from ddpm.train import DataOrder, ema_decay_at, ema_update, lr_at, prepare_run, train
 
 
 def _log_rows(run):
@@ -232,3 +232,41 @@ def test_offset_noise_is_refused_for_point_data(tmp_path):
     )
     with pytest.raises(ConfigError, match="offset_noise"):
         train(config, tmp_path / "moons", progress=False, verbose=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# random horizontal flips, recipes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hflip_training_resumes_bit_exactly(make_config, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(make_config(steps=4, hflip=True), whole, progress=False, verbose=False)
+    train(make_config(steps=2, hflip=True), parts, progress=False, verbose=False)
+    train(make_config(steps=4, hflip=True), parts, progress=False, verbose=False)
+    a, b = latest_checkpoint(whole).tensors, latest_checkpoint(parts).tensors
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert torch.equal(a["train_state"]["rng.flip"], b["train_state"]["rng.flip"])
+
+
+def test_hflip_changes_the_batches_and_nothing_else(make_config, tmp_path):
+    plain = train(make_config(steps=3), tmp_path / "a", progress=False, verbose=False)
+    flipped = train(make_config(steps=3, hflip=True), tmp_path / "b", progress=False, verbose=False)
+    assert plain.loss != flipped.loss
+
+
+def test_hflip_is_refused_for_point_data(make_points_config, tmp_path):
+    with pytest.raises(ConfigError, match="hflip"):
+        train(
+            make_points_config(steps=1, hflip=True), tmp_path / "p", progress=False, verbose=False
+        )
+
+
+def test_a_recipe_lies_under_the_config_file_and_the_command_line(fast_toml, tmp_path):
+    config, _ = prepare_run(
+        {"train": {"batch_size": 16}}, config_file=fast_toml, run_dir=tmp_path, recipe="ho2020"
+    )
+    assert config.data.name == "cifar10" and config.train.hflip and config.train.ema_decay == 0.9999
+    assert config.model.preset == "tiny"  # the TOML file wins over the recipe
+    assert config.train.batch_size == 16  # the command line wins over both

@@ -58,7 +58,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ddpm.distributed import env_rank
     from ddpm.train import prepare_run, train
 
-    config, run_dir = prepare_run(_overrides(args), config_file=args.config, run_dir=args.run_dir)
+    config, run_dir = prepare_run(
+        _overrides(args), config_file=args.config, run_dir=args.run_dir, recipe=args.recipe
+    )
     result = train(
         config, run_dir, device=args.device, progress=not args.quiet, verbose=not args.quiet
     )
@@ -138,12 +140,14 @@ def _cmd_nll(args: argparse.Namespace) -> int:
         out_dir=args.out,
         progress=not args.quiet,
         device=args.device,
+        clip_x0=args.clip,
     )
     s, p = report.summary, report.summary["protocol"]
     total = s["bits_per_dim"]
     print(
         f"bound:      {total['mean']:.4f} bits/dim, 95% CI [{total['ci95'][0]:.4f}, {total['ci95'][1]:.4f}] "
-        f"({p['num_images']} {p['split']} images, {p['estimator']}, {p['weights']} weights)"
+        f"({p['num_images']} {p['split']} images, {p['estimator']}, {p['weights']} weights, "
+        f"x0 {'clipped' if p['clip_x0'] else 'not clipped'})"
     )
     for key, name in (("prior_bpd", "L_T"), ("vlb_sum_bpd", "sum L_t-1"), ("decoder_bpd", "L_0")):
         print(f"{name + ':':<11} {s[key]['mean']:.4f} +- {_Z95 * s[key]['se']:.4f}")
@@ -316,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.toml",
         help="TOML file with [data] [model] [diffusion] [train] [sample]",
     )
+    p.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help="a shipped recipe under --config and the options: ho2020 (Ho et al.'s CIFAR-10 run)",
+    )
     # Options whose dest is "section.key" override that key of the config (see _overrides).
     opt = p.add_argument
     opt(
@@ -444,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the network (slow start; see README)",
     )
     _device_option(p)
+    opt(
+        "--hflip",
+        dest="train.hflip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random horizontal flips of training images (seeded; restored on resume)",
+    )
     opt("--seed", dest="train.seed", type=int, metavar="S")
     opt(
         "--sample-every",
@@ -518,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="all: the full chain (T evaluations per image); K: unbiased stratified estimate",
     )
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument(
+        "--clip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clamp the x_0 prediction to [-1, 1] inside the bound (default: as the run samples)",
+    )
     p.add_argument("--batch-size", type=int, default=256, metavar="B")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval)")

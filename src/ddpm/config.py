@@ -194,6 +194,7 @@ class TrainConfig:
     timestep_sampler: str = "uniform"
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5
     offset_noise: float = 0.0  # eps += offset * N(0, 1) per image and channel (images only)
+    hflip: bool = False  # random horizontal flips of training images (Ho et al. on CIFAR-10)
     # autocast of the network: fp32, bf16, fp16 (CUDA) or auto (bf16 where native); see ddpm.devices
     precision: str = "fp32"
     compile: bool = False  # torch.compile the network for training
@@ -395,6 +396,17 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_path(name: str) -> Path:
+    """The shipped TOML of a named training recipe (``ddpm/recipes/<name>.toml``)."""
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    if name not in known:
+        raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(known) or 'none'}")
+    return RECIPES_DIR / f"{name}.toml"
+
+
 def load_config(path: str | os.PathLike, base: RunConfig | None = None) -> RunConfig:
     """A RunConfig from a TOML (``.toml``) or JSON file, applied on top of ``base`` (default: defaults)."""
     path = Path(path)
@@ -451,4 +463,6 @@ def resolve_config(config: RunConfig, *, kind: str, sample_shape: tuple[int, ...
         )
     if train.offset_noise > 0 and kind == "points":
         raise ConfigError("offset_noise shifts whole images; it does not apply to 2-D point data")
+    if train.hflip and kind == "points":
+        raise ConfigError("hflip mirrors images; it does not apply to 2-D point data")
     return dataclasses.replace(config, model=model, data=data, train=train)

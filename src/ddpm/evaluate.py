@@ -112,6 +112,7 @@ def nll_run(
     out_dir: str | Path | None = None,
     progress: bool = True,
     device: str | torch.device | None = "auto",
+    clip_x0: bool | None = None,
 ) -> NllReport:
     """The variational bound (Ho et al. eq. 5) of the run's model on ``num`` images of ``split`` (all
     by default, in the split's order), in bits/dim.
@@ -120,7 +121,11 @@ def nll_run(
     stratified estimate of ``ddpm.likelihood`` with K calls per image. The 95% interval is
     mean +- 1.96 se over images (for the stratified estimate each image's total is itself an unbiased
     estimate, so this interval covers the estimator's noise too). Images use the discretized decoder
-    of eq. 13 (8-bit bins); 2-D data a Gaussian density (then "bits/dim" is a differential entropy)."""
+    of eq. 13 (8-bit bins); 2-D data a Gaussian density (then "bits/dim" is a differential entropy).
+
+    ``clip_x0`` clamps the x_0 prediction to [-1, 1] inside every term (improved-diffusion's
+    ``calc_bpd_loop`` with ``clip_denoised=True``): the bound of the model that a clipping sampler
+    draws from. None: as the run samples (its [sample] clip_x0, images only)."""
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
     run = load_run(run_dir, use_ema=use_ema, device=device)
@@ -137,6 +142,8 @@ def nll_run(
     if num is not None and num > len(data):
         raise ConfigError(f"--num {num} exceeds the {len(data)} examples of the {split} split")
     decoder = "gaussian" if data.kind == "points" else "discretized"
+    if clip_x0 is None:
+        clip_x0 = config.sample.clip_x0 and data.kind == "image"
     generator = torch.Generator().manual_seed(seed)
 
     start = time.monotonic()
@@ -153,6 +160,7 @@ def nll_run(
                 decoder=decoder,
                 num_eval_steps=eval_steps,
                 generator=generator,
+                clip_x0=clip_x0,
                 progress=progress and len(x) <= batch_size,
             )
         )
@@ -181,6 +189,7 @@ def nll_run(
 
     weights = "ema" if use_ema else "raw"
     tag = f"nll_{split}_{'all' if eval_steps is None else f'k{eval_steps}'}_{weights}"
+    tag += "" if clip_x0 or data.kind != "image" else "_noclip"
     out = _eval_dir(run_dir, out_dir)
     rows = ["t,index,term,count,mean_bpd,se_bpd"]
     for i, m, s, c in zip(
@@ -223,6 +232,7 @@ def nll_run(
             "prediction": config.diffusion.prediction,
             "variance": config.diffusion.variance,
             "decoder": decoder,
+            "clip_x0": bool(clip_x0),
             "seed": seed,
             "device": describe_device(run.device),
             "interval": "95%: mean +- 1.96 standard errors over images",

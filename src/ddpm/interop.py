@@ -49,7 +49,6 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 MODEL_INDEX = "model_index.json"
 # Written into exported configs; the oldest diffusers the export was made for (tests use a newer one).
 DIFFUSERS_VERSION = "0.30.0"
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 # --------------------------------------------------------------------------------------------------
 # the key mapping: ddpm name <- diffusers name
@@ -833,11 +832,3 @@ def export_diffusers(
 
 def _json_bytes(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
-
-
-def recipe_path(name: str) -> Path:
-    """The shipped TOML of a named training recipe (``src/ddpm/recipes/<name>.toml``)."""
-    known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-    if name not in known:
-        raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(known) or 'none'}")
-    return RECIPES_DIR / f"{name}.toml"

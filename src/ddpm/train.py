@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ddpm import distributed
 from ddpm.checkpoint import checkpoint_dir, crash_point, latest_checkpoint, save_checkpoint
 from ddpm.config import DataConfig, RunConfig, merge_config, resolve_config
+from ddpm.data.transforms import random_hflip
 from ddpm.devices import autocast, describe_device, grad_scaler, resolve_device, resolve_precision
 from ddpm.errors import ConfigError, DivergedError, RunDirError
 from ddpm.nets import count_parameters
@@ -53,6 +54,7 @@ from ddpm.runs import (
     load_data,
     load_run_config,
     lock_run_dir,
+    model_from_meta,
     save_run_config,
     save_samples,
 )
@@ -265,6 +267,8 @@ def _gradient(job: _Job, lr: float) -> tuple[float, float]:
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     x0 = job.data_x[state.order.next(job.config.train.batch_size)]
+    if job.config.train.hflip:  # the global batch's flips, like its t and eps: every rank the same
+        x0 = random_hflip(x0, state.extra_generators["flip"])
     drawn = objective.draw(x0.shape, state.noise_generator)
     t_global = drawn.t
     if job.shard is not None:  # every rank draws the global batch's t and eps, then takes its rows
@@ -379,10 +383,14 @@ def _setup(
     sample_shape = tuple(int(s) for s in dataset.sample_shape)
     tc, dfc = config.train, config.diffusion
     precision = resolve_precision(tc.precision, device)
+    resumed = latest_checkpoint(run_dir) if cfg_path.is_file() else None
     torch.manual_seed(tc.seed)  # network initialisation (on the CPU: the same on every device)
-    model = build_model(
-        config.model, kind=dataset.kind, sample_shape=sample_shape, learn_sigma=dfc.learn_sigma
-    ).to(device)
+    if resumed is not None:  # the network the checkpoint holds (an imported one may be no preset)
+        model = model_from_meta(resumed.meta).to(device)
+    else:
+        model = build_model(
+            config.model, kind=dataset.kind, sample_shape=sample_shape, learn_sigma=dfc.learn_sigma
+        ).to(device)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(tc.seed)  # dropout on the GPU
     objective = build_objective(config, dataset.kind)
@@ -394,8 +402,8 @@ def _setup(
         torch.Generator().manual_seed(tc.seed + 1),  # t and eps of Algorithm 1
         objective,
         scaler=grad_scaler(device, precision),
+        extra_generators={"flip": torch.Generator().manual_seed(tc.seed + 2)},
     )
-    resumed = latest_checkpoint(run_dir) if cfg_path.is_file() else None
     trained_on = []
     if resumed is not None:
         state.load_state_dict(resumed)
@@ -490,20 +498,23 @@ def prepare_run(
     *,
     config_file: str | Path | None = None,
     run_dir: str | Path | None = None,
+    recipe: str | None = None,
 ) -> tuple[RunConfig, Path]:
     """The config and run directory of a ``ddpm train`` invocation.
 
-    Later sources win: defaults < the run's saved config.json (when resuming) < the TOML file <
+    Later sources win: defaults < the run's saved config.json (when resuming) < the named recipe
+    (``ddpm/recipes/<recipe>.toml``, e.g. ho2020) < the TOML file <
     ``overrides`` ({section: {key: value}}). The budget (steps, minutes) is never inherited from the
     saved run: it belongs to each invocation. The run directory defaults to ``runs/<data name>``."""
-    from ddpm.config import load_toml
+    from ddpm.config import load_toml, recipe_path
 
     overrides = overrides or {}
-    toml = load_toml(config_file) if config_file is not None else {}
+    layers = [(str(p), load_toml(p)) for p in (recipe and recipe_path(recipe), config_file) if p]
     if run_dir is None:
         name = overrides.get("data", {}).get("name")
-        if name is None and isinstance(toml.get("data"), dict):
-            name = toml["data"].get("name")
+        for _, toml in layers:
+            if name is None and isinstance(toml.get("data"), dict):
+                name = toml["data"].get("name")
         run_dir = Path("runs") / str(name or DataConfig().name)
     run_dir = Path(run_dir)
     base = RunConfig()
@@ -512,5 +523,6 @@ def prepare_run(
         base = dataclasses.replace(
             saved, train=dataclasses.replace(saved.train, steps=None, minutes=None)
         )
-    config = merge_config(base, toml, str(config_file)) if toml else base
-    return merge_config(config, overrides, "the command line"), run_dir
+    for where, toml in layers:
+        base = merge_config(base, toml, where)
+    return merge_config(base, overrides, "the command line"), run_dir

@@ -159,6 +159,11 @@ class TrainState:
         """Restore everything from a checkpoint written by ``state_dict`` (on any device)."""
         load_weights(self.model, ckpt.tensors["model"], "model")
         load_weights(self.ema, ckpt.tensors["ema"], "EMA")
+        self.step = ckpt.step
+        if "train_state" not in ckpt.tensors:
+            # Weights only (``ddpm import``): fine-tuning starts with a fresh optimizer, data order
+            # and generators, at the checkpoint's step.
+            return
         state = ckpt.tensors["train_state"]
         optim = {k.removeprefix("optim."): v for k, v in state.items() if k.startswith("optim.")}
         try:
