@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.errors import ConfigError
-from ddpm.nets.layers import group_norm, timestep_embedding, zero_module
+from ddpm.nets.layers import (
+    class_embedding,
+    group_norm,
+    labels_or_null,
+    timestep_embedding,
+    zero_module,
+)
 
 
 class ResBlock(nn.Module):
@@ -105,6 +111,11 @@ class UNet(nn.Module):
     Output: ``out_channels``, by default ``in_channels`` (twice that with ``learn_sigma``).
     ``upsample``: "nearest_conv" as Ho et al., or "conv_nearest" (see Upsample). Inputs must be
     ``image_size`` square, the size the attention resolutions refer to.
+
+    ``num_classes``: a class-conditional net (None: unconditional). A learned embedding of
+    ``num_classes + 1`` entries is added to the time embedding; the last entry, index ``num_classes``
+    (``null_label``), is the "null" class of classifier-free guidance (Ho & Salimans 2022), which
+    ``forward`` uses when no labels are given.
     """
 
     def __init__(
@@ -121,6 +132,7 @@ class UNet(nn.Module):
         learn_sigma: bool = False,
         out_channels: int | None = None,
         upsample: str = "nearest_conv",
+        num_classes: int | None = None,
     ):
         super().__init__()
         num_levels = len(channel_mult)
@@ -208,8 +220,19 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(ch)
         self.conv_out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+        # Built last, so that every other weight draws the same random numbers as an unconditional net.
+        self.num_classes, self.class_embed = class_embedding(num_classes, emb_channels)
+        if num_classes is not None:
+            self.config["num_classes"] = num_classes  # absent when unconditional: old configs load
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def null_label(self) -> int | None:
+        """The label of the "null" class (``num_classes``), or None for an unconditional net."""
+        return self.num_classes
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(
                 f"UNet expects input [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
@@ -221,7 +244,14 @@ class UNet(nn.Module):
             )
         if t.shape != (x.shape[0],):
             raise ConfigError(f"timesteps must have shape [{x.shape[0]}], got {tuple(t.shape)}")
-        emb = F.silu(self.time_embed(timestep_embedding(t, self.base_channels)))
+        emb = self.time_embed(timestep_embedding(t, self.base_channels))
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(labels_or_null(class_labels, self.num_classes, x))
+        elif class_labels is not None:
+            raise ConfigError(
+                "class labels given to an unconditional UNet (built without num_classes)"
+            )
+        emb = F.silu(emb)
 
         h = self.conv_in(x)
         skips = [h]
