@@ -216,6 +216,7 @@ class OracleDenoiser:
         timesteps, alpha_bar_all, sqrt_ab, sqrt_1m_ab, weights, means, covs = self._on(device)
         x = x_t.to(_F64).reshape(x_t.shape[0], -1)
         t = torch.as_tensor(t, dtype=torch.long, device=device).reshape(-1).expand(x.shape[0])
+        t = t.contiguous()  # searchsorted copies (and warns about) an expanded tensor
         # The network sees original timesteps; look them up in the original (un-respaced) chain.
         index = torch.searchsorted(timesteps, t)
         # A batch usually holds a few distinct t: factor C_k once per distinct t, not per sample.
