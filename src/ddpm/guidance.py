@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 ConditionalModel = Callable[..., Tensor]  # model(x_t, t, class_labels=labels) -> output
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GuidedModel:
     """``model(x_t, t) -> guided output``; see :func:`classifier_free_guidance`."""
 
