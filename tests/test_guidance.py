@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpm.diffusion import x0_from_eps
-from ddpm.guidance import classifier_free_guidance
+from ddpm.guidance import classifier_free_guidance, drop_labels
 from ddpm.oracle import GaussianMixture
 from ddpm.samplers import GRIDS, SAMPLERS, sample
 from ddpm.schedules import NoiseSchedule
@@ -179,3 +179,16 @@ def test_guidance_scale_convention_is_linear_in_w():
     for w in (2.0, 5.0):
         assert torch.allclose(at[w], at[0.0] + w * (at[1.0] - at[0.0]), atol=1e-12)
     assert math.isfinite(float(at[5.0].abs().max()))
+
+
+def test_drop_labels_replaces_each_label_by_null_with_probability_p():
+    n, p = 20_000, 0.1
+    labels = torch.arange(n) % 3
+    dropped = drop_labels(labels, p, NULL, seeded(5))
+    is_null = dropped == NULL
+    assert abs(float(is_null.double().mean()) - p) < 4 * math.sqrt(p * (1 - p) / n)
+    assert torch.equal(dropped[~is_null], labels[~is_null])
+    assert torch.equal(drop_labels(labels, 0.0, NULL, seeded(5)), labels)
+    assert (drop_labels(labels, 1.0, NULL, seeded(5)) == NULL).all()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        drop_labels(labels, 1.5, NULL)

@@ -99,3 +99,16 @@ def classifier_free_guidance(
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
     return GuidedModel(model, class_labels, float(scale), null_label)
+
+
+def drop_labels(
+    class_labels: Tensor, p: float, null_label: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Training's half of classifier-free guidance (Ho & Salimans 2022, Algorithm 1): each label
+    replaced by ``null_label`` independently with probability p, so that one network learns both
+    the conditional and the unconditional model. The uniforms are drawn on the generator's device."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"label drop probability must lie in [0, 1], got {p!r}")
+    device = generator.device if generator is not None else class_labels.device
+    u = torch.rand(class_labels.shape, generator=generator, device=device).to(class_labels.device)
+    return torch.where(u < p, torch.full_like(class_labels, null_label), class_labels)
