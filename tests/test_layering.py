@@ -1,6 +1,7 @@
 """The import layering of STYLE.md: lower layers never import higher ones.
 
-errors < math (schedules, diffusion, losses) < algorithms (likelihood, samplers, oracle)
+errors < math (schedules, diffusion, losses)
+< algorithms (likelihood, samplers, oracle, guidance, editing)
 < components (nets, data, metrics, viz: none imports another)
 < assembly (config, checkpoint, train, evaluate, cli).
 """
@@ -15,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ddpm"
 LAYERS = {
     "errors": 0,
     "schedules": 1, "diffusion": 1, "losses": 1,
-    "likelihood": 2, "samplers": 2, "oracle": 2, "objective": 2,
+    "likelihood": 2, "samplers": 2, "oracle": 2, "objective": 2, "guidance": 2, "editing": 2,
     "nets": 3, "data": 3, "metrics": 3, "viz": 3,
     "config": 4, "checkpoint": 4, "distributed": 4, "runs": 4, "train": 4, "evaluate": 4,
     "devices": 4, "train_state": 4, "trainlog": 4, "interop": 4,

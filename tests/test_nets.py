@@ -230,3 +230,80 @@ def test_count_parameters_counts_trainable_scalars():
     assert count_parameters(layer) == 16
     layer.bias.requires_grad_(False)
     assert count_parameters(layer) == 12
+
+
+# --------------------------------------------------------------------------------------------------
+# the optional class input: an embedding of num_classes + 1 entries (the last = null) added to e(t)
+# --------------------------------------------------------------------------------------------------
+
+
+def conditional_pair(kind: str, num_classes: int = 3):
+    """(unconditional, conditional) nets of one architecture, built from the same seed."""
+    if kind == "unet":
+        return unzero(toy_unet()), unzero(toy_unet(num_classes=num_classes))
+    torch.manual_seed(0)
+    plain = MLP(dim=2, hidden=32, num_layers=2, time_embed_dim=16)
+    torch.manual_seed(0)
+    return plain, MLP(dim=2, hidden=32, num_layers=2, time_embed_dim=16, num_classes=num_classes)
+
+
+def inputs(kind: str, batch: int = 4):
+    torch.manual_seed(2)
+    x = torch.randn(batch, 1, 8, 8) if kind == "unet" else torch.randn(batch, 2)
+    return x, torch.randint(0, 1000, (batch,))
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_the_class_embedding_adds_only_its_table_and_is_added_to_the_time_embedding(kind):
+    plain, cond = conditional_pair(kind)
+    assert plain.class_embed is None and "num_classes" not in plain.config
+    assert plain.null_label is None and cond.null_label == 3
+    emb_dim = 4 * TOY["base_channels"] if kind == "unet" else 32
+    assert count_parameters(cond) == count_parameters(plain) + 4 * emb_dim
+    # Every other weight is the unconditional net's (the table is built last) ...
+    shared = {k: v for k, v in cond.state_dict().items() if not k.startswith("class_embed")}
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items())
+    # ... so with a zero table the conditional net is the unconditional one, bit for bit.
+    with torch.no_grad():
+        cond.class_embed.weight.zero_()
+    x, t = inputs(kind)
+    assert torch.equal(cond(x, t, torch.tensor([0, 1, 2, 3])), plain(x, t))
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_conditional_net_responds_to_labels_and_none_means_null(kind):
+    _, net = conditional_pair(kind)
+    x, t = inputs(kind)
+    x, t = x[:1].expand(4, *x.shape[1:]), t[:1].expand(4)
+    out = net(x, t, torch.tensor([0, 1, 2, 3]))
+    for i in range(3):
+        assert (out[i] - out[i + 1]).abs().max() > 1e-4
+    assert torch.equal(net(x, t), net(x, t, torch.full((4,), net.null_label)))
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_conditional_config_rebuilds_the_same_net(kind):
+    _, net = conditional_pair(kind)
+    config = json.loads(json.dumps(net.config))
+    assert config["num_classes"] == 3
+    rebuilt = type(net)(**config)
+    rebuilt.load_state_dict(net.state_dict())
+    x, t = inputs(kind)
+    labels = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(rebuilt(x, t, labels), net(x, t, labels))
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_bad_class_input_raises_config_error(kind):
+    plain, net = conditional_pair(kind)
+    x, t = inputs(kind)
+    with pytest.raises(ConfigError, match="unconditional"):
+        plain(x, t, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"\[0, 3\] \(3 = null\)"):
+        net(x, t, torch.tensor([0, 1, 2, 4]))
+    with pytest.raises(ConfigError, match="shape"):
+        net(x, t, torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="integer"):
+        net(x, t, torch.zeros(4))
+    with pytest.raises(ConfigError, match="num_classes"):
+        type(net)(**{**net.config, "num_classes": 0})

@@ -93,3 +93,86 @@ def test_non_positive_definite_covariance_is_refused():
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="expected weights"):
         GaussianMixture([0.5, 0.5], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, 1.0]]])
+
+
+# --------------------------------------------------------------------------------------------------
+# the labelled form: component k = class k, null label K
+# --------------------------------------------------------------------------------------------------
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("t", [0, 300, 999])
+def test_conditional_denoiser_is_the_components_own_denoiser(t):
+    s = NoiseSchedule.from_name("cosine", 1000)
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 2
+    tt = torch.full((6,), t)
+    for k in range(GM.num_components):
+        want = GM.component(k).denoiser(s)(x, tt)
+        got = GM.denoiser(s)(x, tt, class_labels=torch.full((6,), k))
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_null_label_gives_the_unconditional_denoiser_and_labels_mix_in_one_batch():
+    s = NoiseSchedule.from_name("linear", 1000)
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([5, 100, 500, 900])
+    oracle = GM.denoiser(s)
+    assert oracle.null_label == GM.null_label == 2
+    assert torch.equal(oracle(x, t, class_labels=torch.full((4,), 2)), oracle(x, t))
+    labels = torch.tensor([0, 2, 1, 0])
+    mixed = oracle(x, t, class_labels=labels)
+    for i, k in enumerate(labels.tolist()):
+        alone = oracle(x[i : i + 1], t[i : i + 1], class_labels=torch.tensor([k]))
+        assert torch.allclose(mixed[i : i + 1], alone, rtol=1e-12)
+
+
+def test_labelled_samples_are_the_plain_samples_with_their_components():
+    n = 20_000
+    plain = GM.sample(n, torch.Generator().manual_seed(4))
+    x, labels = GM.sample_labelled(n, torch.Generator().manual_seed(4))
+    assert torch.equal(x, plain)
+    for k in range(GM.num_components):
+        share = float((labels == k).double().mean())
+        w = float(GM.weights[k])
+        assert abs(share - w) < 4 * math.sqrt(w * (1 - w) / n)
+        xk = x[labels == k]
+        se = (GM.covs[k].diagonal() / len(xk)).sqrt()
+        assert ((xk.mean(0) - GM.means[k]).abs() < 4 * se).all()
+
+
+def test_samples_given_a_class_have_that_components_moments():
+    n = 50_000
+    x, _ = GM.sample_labelled(n, torch.Generator().manual_seed(5), labels=torch.ones(n, dtype=int))
+    assert torch.allclose(x.mean(0), GM.means[1], atol=4 * 0.7 / math.sqrt(n))
+    assert torch.allclose(torch.cov(x.T), GM.covs[1], atol=0.01)
+
+
+def test_bad_labels_are_refused():
+    oracle = GM.denoiser(NoiseSchedule.from_name("linear", 100))
+    x, t = torch.zeros(3, 2, dtype=torch.float64), torch.full((3,), 10)
+    with pytest.raises(ValueError, match=r"\[0, 2\] \(2 = null\)"):
+        oracle(x, t, class_labels=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        oracle(x, t, class_labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        GM.sample_labelled(2, labels=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="component"):
+        GM.component(2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_denoiser_follows_the_inputs_device(device):
+    # The schedule and mixture stay on the CPU; CUDA inputs once failed in searchsorted/indexing.
+    s = NoiseSchedule.from_name("linear", 1000)
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([0, 1, 10, 100, 500, 500, 998, 999])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    oracle = GM.denoiser(s)
+    for kwargs in ({}, {"class_labels": labels}):
+        moved = {k: v.to(device) for k, v in kwargs.items()}
+        got = oracle(x.to(device), t.to(device), **moved)
+        assert got.device.type == device
+        assert torch.allclose(got.cpu(), oracle(x, t, **kwargs), rtol=1e-10, atol=1e-12)
+    got32 = oracle(x.float().to(device), t.to(device))
+    assert got32.dtype == torch.float32 and got32.device.type == device

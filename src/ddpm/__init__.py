@@ -1,8 +1,8 @@
 """ddpm: denoising diffusion probabilistic models (Ho et al. 2020), exact, tested, fast on a CPU.
 
 The math (``schedules``, ``diffusion``, ``losses``) and the algorithms that take a network as a
-callable (``likelihood``, ``samplers``, ``oracle``) are imported here; the networks, data, training and
-CLI load on first use so that ``import ddpm`` stays light.
+callable (``likelihood``, ``samplers``, ``oracle``, ``guidance``, ``editing``) are imported here; the
+networks, data, training and CLI load on first use so that ``import ddpm`` stays light.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from ddpm.diffusion import (
     x0_from_eps,
     x0_from_v,
 )
+from ddpm.editing import ddim_invert, ddim_reconstruct, inpaint, interpolate, sdedit, slerp
 from ddpm.errors import DDPMError
+from ddpm.guidance import classifier_free_guidance
 from ddpm.likelihood import BoundTerms, variational_bound
 from ddpm.losses import decoder_nll, normal_kl, prior_kl, simple_loss, vlb_term
 from ddpm.oracle import GaussianMixture
@@ -72,9 +74,14 @@ __all__ = [
     "NoiseSchedule",
     "PMeanVariance",
     "ancestral_sample",
+    "classifier_free_guidance",
+    "ddim_invert",
+    "ddim_reconstruct",
     "decoder_nll",
     "eps_from_v",
     "eps_from_x0",
+    "inpaint",
+    "interpolate",
     "normal_kl",
     "p_mean_variance",
     "p_sample_step",
@@ -84,7 +91,9 @@ __all__ = [
     "q_step",
     "respace",
     "sample",
+    "sdedit",
     "simple_loss",
+    "slerp",
     "target_for",
     "v_from_x0_eps",
     "variational_bound",

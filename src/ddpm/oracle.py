@@ -6,13 +6,20 @@ and because Cov(eps, x_t | k) = sigma I the optimal eps-prediction has the close
 
     E[eps | x_t] = sum_k r_k(x_t) sigma C_k^{-1} (x_t - a mu_k),   r_k = posterior probability of k.
 
-It is written for low-dimensional data (full covariances, D up to a few dozen).
+The labelled form (component k = class k, Ho & Salimans' classifier-free setting) has the exact
+*conditional* denoiser too: given class k, x_0 ~ N(mu_k, S_k) alone and r is one-hot at k,
+
+    E[eps | x_t, k] = sigma C_k^{-1} (x_t - a mu_k).
+
+It is written for low-dimensional data (full covariances, D up to a few dozen). Every result follows
+the device of its input; the mixture's own tensors stay on the CPU.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +27,13 @@ from ddpm.schedules import NoiseSchedule
 
 Tensor = torch.Tensor
 _F64 = torch.float64
+
+
+class LabelledSample(NamedTuple):
+    """Draws x [n, D] (float64) and the component each came from, labels [n] (int64)."""
+
+    x: Tensor
+    labels: Tensor
 
 
 class GaussianMixture:
@@ -77,11 +91,50 @@ class GaussianMixture:
         )
         return second - torch.outer(m, m)
 
+    @property
+    def null_label(self) -> int:
+        """The "null" class label, K: it asks the conditional denoiser for the whole mixture's."""
+        return self.num_components
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n draws [n, D] (float64), with their components chosen by the weights."""
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        return self.sample_labelled(n, generator).x
+
+    def sample_labelled(
+        self, n: int, generator: torch.Generator | None = None, labels: Tensor | None = None
+    ) -> LabelledSample:
+        """n draws with their components (= class labels): the components chosen by the weights, or
+        the given ``labels`` [n] (then x_i ~ N(mu_{labels_i}, S_{labels_i}), the class-conditional
+        data). Without labels it draws the same numbers as :meth:`sample`."""
+        if labels is None:
+            k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        else:
+            k = self._checked_labels(labels, n, allow_null=False).cpu()
         z = torch.randn(n, self.dim, dtype=_F64, generator=generator)
-        return self.means[k] + torch.einsum("nij,nj->ni", self._chol[k], z)
+        return LabelledSample(self.means[k] + torch.einsum("nij,nj->ni", self._chol[k], z), k)
+
+    def component(self, k: int) -> GaussianMixture:
+        """Component k alone, N(mu_k, S_k): the data of class k."""
+        if not 0 <= k < self.num_components:
+            raise ValueError(f"component must lie in [0, {self.num_components - 1}], got {k}")
+        return GaussianMixture([1.0], self.means[k : k + 1], self.covs[k : k + 1])
+
+    def _checked_labels(self, labels, n: int, *, allow_null: bool) -> Tensor:
+        labels = torch.as_tensor(labels)
+        if labels.ndim == 0:
+            labels = labels.expand(n)
+        top = self.num_components if allow_null else self.num_components - 1
+        if labels.shape != (n,) or labels.is_floating_point():
+            raise ValueError(
+                f"class labels must be integers of shape [{n}] (or one), got {tuple(labels.shape)}"
+            )
+        if n and (labels.min() < 0 or labels.max() > top):
+            raise ValueError(
+                f"class labels must lie in [0, {top}]"
+                + (f" ({top} = null)" if allow_null else "")
+                + f", got [{int(labels.min())}, {int(labels.max())}]"
+            )
+        return labels.long()
 
     def component_log_prob(self, x: Tensor) -> Tensor:
         """log w_k + log N(x; mu_k, S_k) for every k: [N, K]."""
@@ -107,9 +160,10 @@ class GaussianMixture:
         lp = self.log_prob(self.sample(n, generator))
         return float(-lp.mean()), float(lp.std() / math.sqrt(n))
 
-    def denoiser(self, schedule: NoiseSchedule):
-        """The exact eps-predictor ``model(x_t, t) -> E[eps | x_t]`` for data from this mixture, where t
-        is the *original* timestep of ``schedule`` (0-based), as networks are called."""
+    def denoiser(self, schedule: NoiseSchedule) -> OracleDenoiser:
+        """The exact eps-predictor ``model(x_t, t, class_labels=None) -> E[eps | x_t (, k)]`` for data
+        from this mixture, where t is the *original* timestep of ``schedule`` (0-based), as networks are
+        called; labels k < K give component k's own denoiser, K (``null_label``) or None the mixture's."""
         return OracleDenoiser(self, schedule)
 
 
@@ -125,33 +179,68 @@ def _component_log_prob(x: Tensor, weights: Tensor, means: Tensor, chol: Tensor)
 
 
 class OracleDenoiser:
-    """``model(x_t, t) -> E[eps | x_t]`` for a Gaussian mixture; behaves like a trained eps-network."""
+    """``model(x_t, t, class_labels=None) -> E[eps | x_t]`` (or E[eps | x_t, k]) for a Gaussian
+    mixture; behaves like a trained eps-network, class-conditional with null label K."""
 
     def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule) -> None:
         self.mixture = mixture
         self.schedule = schedule
+        self._tensors: dict[torch.device, tuple[Tensor, ...]] = {}
 
-    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+    @property
+    def null_label(self) -> int:
+        return self.mixture.null_label
+
+    def _on(self, device: torch.device) -> tuple[Tensor, ...]:
+        # The mixture and schedule live on the CPU; index them on the input's device (searchsorted
+        # and gathers refuse a CUDA index into a CPU tensor). Copied once per device.
+        if device not in self._tensors:
+            gm, s = self.mixture, self.schedule
+            self._tensors[device] = tuple(
+                v.to(device)
+                for v in (
+                    s.timesteps,
+                    s.alpha_bar,
+                    s.sqrt_alpha_bar,
+                    s.sqrt_one_minus_alpha_bar,
+                    gm.weights,
+                    gm.means,
+                    gm.covs,
+                )
+            )
+        return self._tensors[device]
+
+    def __call__(self, x_t: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         gm = self.mixture
+        device = x_t.device
+        timesteps, alpha_bar_all, sqrt_ab, sqrt_1m_ab, weights, means, covs = self._on(device)
         x = x_t.to(_F64).reshape(x_t.shape[0], -1)
-        t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(x.shape[0])
+        t = torch.as_tensor(t, dtype=torch.long, device=device).reshape(-1).expand(x.shape[0])
+        t = t.contiguous()  # searchsorted copies (and warns about) an expanded tensor
         # The network sees original timesteps; look them up in the original (un-respaced) chain.
-        index = torch.searchsorted(self.schedule.timesteps, t)
+        index = torch.searchsorted(timesteps, t)
         # A batch usually holds a few distinct t: factor C_k once per distinct t, not per sample.
         uniq, inverse = torch.unique(index, return_inverse=True)
-        alpha_bar = self.schedule.alpha_bar[uniq][:, None, None, None]  # [U, 1, 1, 1]
-        cov_t = alpha_bar * gm.covs + (1 - alpha_bar) * torch.eye(
-            gm.dim, dtype=_F64
-        )  # [U, K, D, D]
+        alpha_bar = alpha_bar_all[uniq][:, None, None, None]  # [U, 1, 1, 1]
+        eye = torch.eye(gm.dim, dtype=_F64, device=device)
+        cov_t = alpha_bar * covs + (1 - alpha_bar) * eye  # [U, K, D, D]
         chol = torch.linalg.cholesky(cov_t)
         precision = torch.cholesky_inverse(chol)[inverse]  # [N, K, D, D]
         log_det = (2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1))[inverse]  # [N, K]
-        a = self.schedule.sqrt_alpha_bar[index][:, None, None]  # [N, 1, 1]
-        diff = x[:, None, :] - a * gm.means  # [N, K, D]
+        a = sqrt_ab[index][:, None, None]  # [N, 1, 1]
+        diff = x[:, None, :] - a * means  # [N, K, D]
         solved = torch.einsum("nkij,nkj->nki", precision, diff)  # C_k^{-1} (x_t - a mu_k)
         maha = (diff * solved).sum(-1)
-        log_r = torch.log(gm.weights) - 0.5 * (log_det + maha)  # the shared 2 pi term cancels
+        log_r = torch.log(weights) - 0.5 * (log_det + maha)  # the shared 2 pi term cancels
         r = torch.softmax(log_r, dim=1)  # [N, K]
-        sigma = self.schedule.sqrt_one_minus_alpha_bar[index][:, None]  # [N, 1]
+        if class_labels is not None:
+            # Given class k the data are component k alone: its posterior probability is one-hot.
+            labels = gm._checked_labels(class_labels, x.shape[0], allow_null=True).to(device)
+            cond = labels < gm.num_components
+            one_hot = torch.nn.functional.one_hot(
+                labels.clamp(max=gm.num_components - 1), gm.num_components
+            ).to(_F64)
+            r = torch.where(cond[:, None], one_hot, r)
+        sigma = sqrt_1m_ab[index][:, None]  # [N, 1]
         eps = sigma * (r[:, :, None] * solved).sum(1)
         return eps.reshape(x_t.shape).to(x_t.dtype)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ddpm.errors import ConfigError
+
 
 def timestep_embedding(
     t: torch.Tensor,
@@ -74,3 +76,32 @@ def zero_module(module: nn.Module) -> nn.Module:
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable scalars in ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def class_embedding(num_classes: int | None, dim: int) -> tuple[int | None, nn.Embedding | None]:
+    """(num_classes, an embedding of num_classes + 1 entries, the last the null class), or (None, None)."""
+    if num_classes is None:
+        return None, None
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer or None, got {num_classes!r}")
+    return num_classes, nn.Embedding(num_classes + 1, dim)
+
+
+def labels_or_null(
+    class_labels: torch.Tensor | None, num_classes: int, x: torch.Tensor
+) -> torch.Tensor:
+    """Labels [B] in [0, num_classes] (num_classes = null) on x's device; None means all null."""
+    if class_labels is None:
+        return torch.full((x.shape[0],), num_classes, dtype=torch.long, device=x.device)
+    labels = torch.as_tensor(class_labels, device=x.device)
+    if labels.shape != (x.shape[0],) or labels.is_floating_point() or labels.is_complex():
+        raise ConfigError(
+            f"class labels must be an integer tensor of shape [{x.shape[0]}], got "
+            f"{labels.dtype} {tuple(labels.shape)}"
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
+        raise ConfigError(
+            f"class labels must lie in [0, {num_classes}] ({num_classes} = null), got "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels.long()

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.errors import ConfigError
-from ddpm.nets.layers import group_norm, timestep_embedding, zero_module
+from ddpm.nets.layers import (
+    class_embedding,
+    group_norm,
+    labels_or_null,
+    timestep_embedding,
+    zero_module,
+)
 
 
 class ResBlock(nn.Module):
@@ -129,6 +135,11 @@ class UNet(nn.Module):
     ``norm_groups`` GroupNorm groups everywhere (None: ``layers.num_groups`` of each width),
     ``norm_eps`` its epsilon, ``flip_sin_to_cos`` / ``freq_shift`` the timestep sinusoids (see
     ``layers.timestep_embedding``), ``downsample_padding`` 1 or 0 (see Downsample).
+
+    ``num_classes``: a class-conditional net (None: unconditional). A learned embedding of
+    ``num_classes + 1`` entries is added to the time embedding; the last entry, index ``num_classes``
+    (``null_label``), is the "null" class of classifier-free guidance (Ho & Salimans 2022), which
+    ``forward`` uses when no labels are given.
     """
 
     def __init__(
@@ -150,6 +161,7 @@ class UNet(nn.Module):
         flip_sin_to_cos: bool = True,
         freq_shift: float = 0,
         downsample_padding: int = 1,
+        num_classes: int | None = None,
     ):
         super().__init__()
         num_levels = len(channel_mult)
@@ -258,8 +270,19 @@ class UNet(nn.Module):
 
         self.norm_out = norm(ch)
         self.conv_out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+        # Built last, so that every other weight draws the same random numbers as an unconditional net.
+        self.num_classes, self.class_embed = class_embedding(num_classes, emb_channels)
+        if num_classes is not None:
+            self.config["num_classes"] = num_classes  # absent when unconditional: old configs load
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def null_label(self) -> int | None:
+        """The label of the "null" class (``num_classes``), or None for an unconditional net."""
+        return self.num_classes
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(
                 f"UNet expects input [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
@@ -274,7 +297,14 @@ class UNet(nn.Module):
         sinusoids = timestep_embedding(
             t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
         )
-        emb = F.silu(self.time_embed(sinusoids))
+        emb = self.time_embed(sinusoids)
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(labels_or_null(class_labels, self.num_classes, x))
+        elif class_labels is not None:
+            raise ConfigError(
+                "class labels given to an unconditional UNet (built without num_classes)"
+            )
+        emb = F.silu(emb)
 
         h = self.conv_in(x)
         skips = [h]
