@@ -602,3 +602,65 @@ def forward_process_picture(
     idx = torch.randperm(len(dataset), generator=generator)[:n]
     x0 = torch.as_tensor(dataset.x, dtype=torch.float32)[idx]
     return viz.save_forward_process(schedule, x0, out, generator=generator)
+
+
+# --------------------------------------------------------------------------------------------------
+# a training invocation's run directory and config
+# --------------------------------------------------------------------------------------------------
+
+
+def check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} exists and is not a directory")
+    if run_dir.is_dir() and not (run_dir / CONFIG_FILE).is_file():
+        if any(p.name != ".lock" for p in run_dir.iterdir()):
+            raise RunDirError(
+                f"{run_dir} exists, is not empty and is not a ddpm run directory (no {CONFIG_FILE})"
+            )
+
+
+def check_same_run(saved: RunConfig, new: RunConfig, run_dir: Path) -> None:
+    for section in ("data", "model", "diffusion"):
+        a, b = getattr(saved, section), getattr(new, section)
+        for f in dataclasses.fields(a):
+            old_value, new_value = getattr(a, f.name), getattr(b, f.name)
+            if old_value != new_value:
+                raise ConfigError(
+                    f"{run_dir} was trained with {section}.{f.name}={old_value!r}, not {new_value!r}; "
+                    "use a new --run-dir"
+                )
+
+
+def prepare_run(
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    recipe: str | None = None,
+) -> tuple[RunConfig, Path]:
+    """The config and run directory of a ``ddpm train`` invocation.
+
+    Later sources win: defaults < the run's saved config.json (when resuming) < the named recipe
+    (``ddpm/recipes/<recipe>.toml``, e.g. ho2020) < the TOML file <
+    ``overrides`` ({section: {key: value}}). The budget (steps, minutes) is never inherited from the
+    saved run: it belongs to each invocation. The run directory defaults to ``runs/<data name>``."""
+    from ddpm.config import load_toml, recipe_path
+
+    overrides = overrides or {}
+    layers = [(str(p), load_toml(p)) for p in (recipe and recipe_path(recipe), config_file) if p]
+    if run_dir is None:
+        name = overrides.get("data", {}).get("name")
+        for _, toml in layers:
+            if name is None and isinstance(toml.get("data"), dict):
+                name = toml["data"].get("name")
+        run_dir = Path("runs") / str(name or DataConfig().name)
+    run_dir = Path(run_dir)
+    base = RunConfig()
+    if (run_dir / CONFIG_FILE).is_file():
+        saved = load_run_config(run_dir)
+        base = dataclasses.replace(
+            saved, train=dataclasses.replace(saved.train, steps=None, minutes=None)
+        )
+    for where, toml in layers:
+        base = merge_config(base, toml, where)
+    return merge_config(base, overrides, "the command line"), run_dir

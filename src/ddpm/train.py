@@ -21,25 +21,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from ddpm import distributed
 from ddpm.checkpoint import checkpoint_dir, crash_point, latest_checkpoint, save_checkpoint
-from ddpm.config import DataConfig, RunConfig, merge_config, resolve_config
+from ddpm.config import RunConfig, resolve_config
 from ddpm.data.transforms import random_hflip
 from ddpm.devices import autocast, describe_device, grad_scaler, resolve_device, resolve_precision
-from ddpm.errors import ConfigError, DivergedError, RunDirError
+from ddpm.errors import ConfigError, DivergedError
 from ddpm.nets import count_parameters
 from ddpm.objective import Objective, draw_noise  # noqa: F401  (draw_noise: public here since 0.1)
 from ddpm.runs import (
@@ -49,17 +47,28 @@ from ddpm.runs import (
     arch_of,
     build_model,
     build_objective,
+    check_run_dir,
+    check_same_run,
     default_num,
     draw,
     load_data,
     load_run_config,
     lock_run_dir,
     model_from_meta,
+    prepare_run,
     save_run_config,
     save_samples,
 )
 from ddpm.train_state import DataOrder, TrainState, ema_decay_at, ema_update, lr_at
-from ddpm.trainlog import TrainLog, prepare_log, progress_bar, update_bar
+from ddpm.trainlog import (
+    Interrupted,
+    StopOnInterrupt,
+    TrainLog,
+    prepare_log,
+    progress_bar,
+    stop_reason,
+    update_bar,
+)
 
 __all__ = [
     "DataOrder",
@@ -75,54 +84,6 @@ __all__ = [
 def _say(msg: str, verbose: bool) -> None:
     if verbose:
         tqdm.write(msg, file=sys.stderr)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT (Ctrl-C) or SIGTERM after writing a checkpoint; ``signum`` says
-    which. The CLI exits with 128 + signum: 130 for SIGINT, 143 for SIGTERM (the shell convention)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.signum = int(signum)
-
-
-class _StopOnInterrupt:
-    """First SIGINT (Ctrl-C) or SIGTERM: finish the current step, checkpoint, stop. A second one: stop at
-    once. ``flags()`` is (deadline passed, SIGINT, SIGTERM)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, deadline: float | None) -> None:
-        self.deadline, self.requested, self.signum = deadline, False, signal.SIGINT
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-
-    def flags(self) -> tuple[bool, bool, bool]:
-        late = self.deadline is not None and time.monotonic() >= self.deadline
-        sigint = self.requested and self.signum == signal.SIGINT
-        return late, sigint, self.requested and not sigint
-
-    def __enter__(self) -> _StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-
-def _stop_reason(flags: tuple[bool, bool, bool]) -> tuple[str | None, int]:
-    """(why training stops, or None; the signal) from (deadline passed, SIGINT, SIGTERM)."""
-    late, sigint, sigterm = flags
-    if sigint or sigterm:
-        return "interrupt", signal.SIGINT if sigint else signal.SIGTERM
-    return ("minutes" if late else None), signal.SIGINT
 
 
 class TrainResult(NamedTuple):
@@ -191,7 +152,7 @@ def train(
         device = torch.device(d.device)  # this rank's LOCAL_RANK GPU
     try:
         run_dir = Path(run_dir)
-        _check_run_dir(run_dir)
+        check_run_dir(run_dir)
         config, dataset = _resolve(config, run_dir, d)  # bad input fails here, before any write
         with lock_run_dir(run_dir) if d.is_main else contextlib.nullcontext():
             job = _setup(config, dataset, run_dir, device, d, verbose and d.is_main)
@@ -209,11 +170,11 @@ def _train(job: _Job, *, progress: bool, verbose: bool) -> TrainResult:
     stopped_by, samples, signum, pending, lr = "steps", None, signal.SIGINT, None, tc.lr
     state.model.train()
     try:
-        with _StopOnInterrupt(t_start + 60 * tc.minutes if tc.minutes else None) as stop:
+        with StopOnInterrupt(t_start + 60 * tc.minutes if tc.minutes else None) as stop:
             while tc.steps is None or state.step < tc.steps:
                 started = time.monotonic()
                 if not d.enabled:  # one process: a signal during step k stops after step k
-                    pending, signum = _stop_reason(stop.flags())
+                    pending, signum = stop_reason(stop.flags())
                 if pending is not None:
                     break
                 lr = lr_at(state.step, tc.lr, tc.warmup_steps)
@@ -222,7 +183,7 @@ def _train(job: _Job, *, progress: bool, verbose: bool) -> TrainResult:
                 # ranks skip the same updates and stop at the same step (after the next one).
                 loss, flags = distributed.mean_and_flags(d, loss, stop.flags())
                 if d.enabled:
-                    pending, signum = _stop_reason(flags)
+                    pending, signum = stop_reason(flags)
                 if _update(job, loss, grad_norm, last_saved):
                     log.add(loss, grad_norm, time.monotonic() - started)
                 step = state.step
@@ -333,35 +294,13 @@ def _update(job: _Job, loss: float, grad_norm: float, last_saved: Path | None) -
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} exists and is not a directory")
-    if run_dir.is_dir() and not (run_dir / CONFIG_FILE).is_file():
-        if any(p.name != ".lock" for p in run_dir.iterdir()):
-            raise RunDirError(
-                f"{run_dir} exists, is not empty and is not a ddpm run directory (no {CONFIG_FILE})"
-            )
-
-
-def _check_same_run(saved: RunConfig, new: RunConfig, run_dir: Path) -> None:
-    for section in ("data", "model", "diffusion"):
-        a, b = getattr(saved, section), getattr(new, section)
-        for f in dataclasses.fields(a):
-            old_value, new_value = getattr(a, f.name), getattr(b, f.name)
-            if old_value != new_value:
-                raise ConfigError(
-                    f"{run_dir} was trained with {section}.{f.name}={old_value!r}, not {new_value!r}; "
-                    "use a new --run-dir"
-                )
-
-
 def _resolve(config: RunConfig, run_dir: Path, d: distributed.Dist):
     """(the config with its data-dependent choices made, the data set), checked against the run
     directory's own config when resuming; nothing is written."""
     dataset = load_data(config)
     config = resolve_config(config, kind=dataset.kind, sample_shape=tuple(dataset.sample_shape))
     if (run_dir / CONFIG_FILE).is_file():
-        _check_same_run(load_run_config(run_dir), config, run_dir)
+        check_same_run(load_run_config(run_dir), config, run_dir)
     if config.train.batch_size % d.world_size:
         raise ConfigError(
             f"batch_size {config.train.batch_size} (the global batch) is not divisible by the "
@@ -491,38 +430,3 @@ def _report(result: TrainResult, verbose: bool) -> None:
         f"samples {result.samples}",
         verbose,
     )
-
-
-def prepare_run(
-    overrides: dict[str, dict[str, Any]] | None = None,
-    *,
-    config_file: str | Path | None = None,
-    run_dir: str | Path | None = None,
-    recipe: str | None = None,
-) -> tuple[RunConfig, Path]:
-    """The config and run directory of a ``ddpm train`` invocation.
-
-    Later sources win: defaults < the run's saved config.json (when resuming) < the named recipe
-    (``ddpm/recipes/<recipe>.toml``, e.g. ho2020) < the TOML file <
-    ``overrides`` ({section: {key: value}}). The budget (steps, minutes) is never inherited from the
-    saved run: it belongs to each invocation. The run directory defaults to ``runs/<data name>``."""
-    from ddpm.config import load_toml, recipe_path
-
-    overrides = overrides or {}
-    layers = [(str(p), load_toml(p)) for p in (recipe and recipe_path(recipe), config_file) if p]
-    if run_dir is None:
-        name = overrides.get("data", {}).get("name")
-        for _, toml in layers:
-            if name is None and isinstance(toml.get("data"), dict):
-                name = toml["data"].get("name")
-        run_dir = Path("runs") / str(name or DataConfig().name)
-    run_dir = Path(run_dir)
-    base = RunConfig()
-    if (run_dir / CONFIG_FILE).is_file():
-        saved = load_run_config(run_dir)
-        base = dataclasses.replace(
-            saved, train=dataclasses.replace(saved.train, steps=None, minutes=None)
-        )
-    for where, toml in layers:
-        base = merge_config(base, toml, where)
-    return merge_config(base, overrides, "the command line"), run_dir

@@ -1,4 +1,5 @@
-"""The training log of a run: RUN/log.csv (and TensorBoard scalars), and the progress bar.
+"""Bookkeeping around the training loop: RUN/log.csv (and TensorBoard scalars), the progress bar,
+and stopping on Ctrl-C / SIGTERM.
 
 One row per ``train.log_every`` steps: the window's mean loss and gradient norm, the learning rate,
 images per second of the window's training time, and the run's elapsed training seconds.
@@ -8,8 +9,12 @@ from __future__ import annotations
 
 import csv
 import math
+import signal
+import threading
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -143,3 +148,51 @@ def update_bar(bar, step: int, loss: float, elapsed: float, by_time: bool) -> No
     else:
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM after writing a checkpoint; ``signum`` says
+    which. The CLI exits with 128 + signum: 130 for SIGINT, 143 for SIGTERM (the shell convention)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class StopOnInterrupt:
+    """First SIGINT (Ctrl-C) or SIGTERM: finish the current step, checkpoint, stop. A second one: stop at
+    once. ``flags()`` is (deadline passed, SIGINT, SIGTERM)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, deadline: float | None) -> None:
+        self.deadline, self.requested, self.signum = deadline, False, signal.SIGINT
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+
+    def flags(self) -> tuple[bool, bool, bool]:
+        late = self.deadline is not None and time.monotonic() >= self.deadline
+        sigint = self.requested and self.signum == signal.SIGINT
+        return late, sigint, self.requested and not sigint
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def stop_reason(flags: tuple[bool, bool, bool]) -> tuple[str | None, int]:
+    """(why training stops, or None; the signal) from (deadline passed, SIGINT, SIGTERM)."""
+    late, sigint, sigterm = flags
+    if sigint or sigterm:
+        return "interrupt", signal.SIGINT if sigint else signal.SIGTERM
+    return ("minutes" if late else None), signal.SIGINT
