@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,22 @@ def trained_run(tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("trained") / "digits"
     train(fast_config(steps=30), run, progress=False, verbose=False)
+    return run
+
+
+def cond_config(**train) -> RunConfig:
+    """``fast_config`` made class-conditional (``--cond class``: the digits' 10 labels)."""
+    config = fast_config(**train)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, cond="class"))
+
+
+@pytest.fixture(scope="session")
+def cond_run(tmp_path_factory) -> Path:
+    """A class-conditional run directory trained for 30 steps (shared, read-only)."""
+    from ddpm.train import train
+
+    run = tmp_path_factory.mktemp("trained_cond") / "digits"
+    train(cond_config(steps=30), run, progress=False, verbose=False)
     return run
 
 

@@ -20,7 +20,7 @@ LAYERS = {
     "nets": 3, "data": 3, "metrics": 3, "viz": 3,
     "config": 4, "checkpoint": 4, "distributed": 4, "runs": 4, "train": 4, "evaluate": 4,
     "devices": 4, "train_state": 4, "trainlog": 4, "interop": 4,
-    "cli": 4, "__main__": 4, "__init__": 4,
+    "cli": 4, "edit": 4, "__main__": 4, "__init__": 4,
 }  # fmt: skip
 MATH = {"schedules", "diffusion", "losses"}
 

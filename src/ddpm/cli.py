@@ -1,4 +1,4 @@
-"""The ``ddpm`` command: train, sample, info, forward, nll, eval, import, export.
+"""The ``ddpm`` command: train, sample, info, forward, nll, eval, import, export, edit.
 
 Each subcommand turns its arguments into a call of one library function. Every user-facing failure is
 printed as a single line ``ddpm: error: <message>`` on stderr and exits with the error's code (see
@@ -90,7 +90,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         grid=args.grid,
         **_sampler_options(args),
     )
-    print(f"samples:    {result.png} (the first {min(result.num, 64)} of {result.num})")
+    shown = "one row per class" if args.class_label == "all" else f"the first {min(result.num, 64)}"
+    print(f"samples:    {result.png} ({shown} of {result.num})")
     print(f"arrays:     {result.npz}")
     if result.trajectory_png is not None:
         print(f"trajectory: {result.trajectory_png}")
@@ -104,6 +105,8 @@ def _sampler_options(args: argparse.Namespace) -> dict:
         "order": args.order,
         "clip_x0": False if args.no_clip else None,
         "dynamic_threshold": args.dynamic_threshold,
+        "class_label": args.class_label,
+        "guidance": args.guidance,
     }
 
 
@@ -215,6 +218,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 )
             if "class_histogram" in b:
                 print(f"{'  classes:':<11} {b['class_histogram']}")
+            if "class_accuracy" in b:
+                print(
+                    f"{'  accuracy:':<11} {b['class_accuracy']:.4f} of samples classified as the "
+                    f"class asked for (class {p['class']}, guidance {p['guidance']:g})"
+                )
     if "sliced_wasserstein" in r:
         print(
             f"points:     sliced W1 {r['sliced_wasserstein']:.4f}  MMD^2 {r['mmd_rbf']:.5f}  "
@@ -251,6 +259,75 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"unet:       {r.unet_dir} ({r.num_parameters:,} parameters)")
     print(f"scheduler:  {r.scheduler_config}")
     return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from ddpm import edit
+
+    common = dict(class_label=args.class_label, guidance=args.guidance, out_dir=args.out,
+                  device=args.device, progress=not args.quiet)  # fmt: skip
+    if args.mode == "inpaint":
+        r = edit.inpaint_run(args.run, args.image[0], args.mask, num=args.num, steps=args.steps,
+                             jumps=args.jumps, resample=args.resample, seed=args.seed[0], **common)  # fmt: skip
+    elif args.mode == "sdedit":
+        r = edit.sdedit_run(args.run, args.image[0], strength=args.strength, num=args.num,
+                            sampler=args.sampler, steps=args.steps, seed=args.seed[0], **common)  # fmt: skip
+    elif args.mode == "invert":
+        r = edit.invert_run(args.run, args.image[0], steps=args.steps, **common)
+    else:
+        r = edit.interpolate_run(args.run, images=args.image or (), seeds=args.seed or (),
+                                 frames=args.frames, steps=args.steps, **common)  # fmt: skip
+    print(f"{args.mode + ':':<11} {r.summary}")
+    print(f"picture:    {r.png}")
+    print(f"arrays:     {r.npz}")
+    return 0
+
+
+def _add_edit_command(sub) -> None:
+    """``ddpm edit MODE RUN ...``: one subcommand per mode, with only that mode's options."""
+    p = sub.add_parser("edit", help="edit images with a trained run: inpaint, sdedit, invert, ...")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE", parser_class=_Parser)
+    helps = {
+        "inpaint": "fill in the white pixels of --mask (RePaint; --resample 1: plain replacement)",
+        "sdedit": "noise --image to --strength of the chain, then denoise it (SDEdit)",
+        "invert": "DDIM inversion of --image to x_T, and its reconstruction",
+        "interpolate": "a strip of frames between two images (inverted) or two --seed",
+    }
+    for mode, text in helps.items():
+        m = modes.add_parser(mode, help=text, description=text)
+        m.add_argument("run", metavar="RUN", help="run directory (any trained image run)")
+        required = mode != "interpolate"
+        m.add_argument("--image", action="append", required=required, metavar="PNG",
+                       help="input image of the run's size and channels" + ("" if required else
+                       " (twice)"))  # fmt: skip
+        steps = {"inpaint": "250", "sdedit": "all T"}.get(mode, "100")
+        m.add_argument("--steps", type=int, metavar="K", help=f"points of the chain ({steps})")
+        if mode in ("inpaint", "sdedit"):
+            m.add_argument("--num", type=int, default=4, help="results to draw (4)")
+        if mode != "invert":
+            seed_help = "two seeds of x_T instead of --image" if mode == "interpolate" else "seed"
+            m.add_argument("--seed", type=int, action="append",
+                           default=None if mode == "interpolate" else [0], metavar="S",
+                           help=seed_help)  # fmt: skip
+        if mode == "inpaint":
+            m.add_argument("--mask", required=True, metavar="PNG",
+                           help="same size as the image: white = fill in, black = keep")  # fmt: skip
+            m.add_argument("--jumps", type=int, default=10, metavar="J", help="jump length (10)")
+            m.add_argument("--resample", type=int, default=10, metavar="R",
+                           help="times each jump is taken (10); 1 = plain replacement")  # fmt: skip
+        if mode == "sdedit":
+            m.add_argument("--strength", type=float, default=0.5, metavar="S",
+                           help="fraction of the chain in (0, 1] to noise and denoise (0.5)")  # fmt: skip
+            m.add_argument("--sampler", default="ancestral", help="ancestral (default), ddim, ...")
+        if mode == "interpolate":
+            m.add_argument("--frames", type=int, default=8, metavar="F", help="frames (8)")
+        m.add_argument("--class", dest="class_label", metavar="C",
+                       help="class-conditional runs: a class index or name")  # fmt: skip
+        m.add_argument("--guidance", type=float, metavar="W", help="guidance scale with --class")
+        m.add_argument("--out", metavar="DIR", help="output directory (default: RUN/edits)")
+        _device_option(m)
+        m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        m.set_defaults(func=_cmd_edit)
 
 
 def _add_interop_commands(sub) -> None:
@@ -295,6 +372,19 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="P",
         help="dynamic thresholding at percentile P (e.g. 0.995) instead of clipping",
+    )
+    p.add_argument(
+        "--class",
+        dest="class_label",
+        metavar="C",
+        help="class-conditional runs: a class index or name, or 'all' (sample: one row per class)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        metavar="W",
+        help="classifier-free guidance scale: 1 plain conditional (default), 0 unconditional, "
+        "> 1 stronger (with --class)",
     )
 
 
@@ -347,6 +437,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="model.preset",
         metavar="PRESET",
         help="tiny, small, cifar10, mlp (default: by data)",
+    )
+    opt(
+        "--cond",
+        dest="model.cond",
+        metavar="KIND",
+        help="class: class-conditional on the data's labels (for --class and --guidance)",
+    )
+    opt(
+        "--cond-drop",
+        dest="train.cond_drop",
+        type=float,
+        metavar="P",
+        help="--cond class: probability of training a label as the null class (0.1)",
     )
     opt(
         "--schedule",
@@ -573,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
     _add_interop_commands(sub)
+    _add_edit_command(sub)
     return parser
 
 

@@ -104,8 +104,15 @@ class ModelConfig:
     hidden: int | None = None
     num_layers: int | None = None
     time_embed_dim: int | None = None
+    # Conditioning: None (unconditional) or "class" (a class embedding plus a null class for
+    # classifier-free guidance); num_classes is then taken from the data set's labels.
+    cond: str | None = None
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.cond is not None:
+            _one_of("model.cond", self.cond, CONDITIONINGS)
+        _positive_int("model.num_classes", self.num_classes, allow_none=True)
         for name in ("base_channels", "num_res_blocks", "num_heads", "hidden", "time_embed_dim"):
             _positive_int(f"model.{name}", getattr(self, name), allow_none=True)
         _positive_int("model.num_layers", self.num_layers, allow_none=True, allow_zero=True)
@@ -115,16 +122,17 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout!r}")
 
     def overrides(self) -> dict[str, Any]:
-        """The fields that were set, other than the preset."""
+        """The fields that were set, other than the preset and the conditioning."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name != "preset" and value is not None:
+            if f.name not in ("preset", "cond", "num_classes") and value is not None:
                 out[f.name] = value
         return out
 
 
 MLP_FIELDS = ("hidden", "num_layers", "time_embed_dim")
+CONDITIONINGS = ("class",)
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,9 @@ class TrainConfig:
     timestep_sampler: str = "uniform"
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5
     offset_noise: float = 0.0  # eps += offset * N(0, 1) per image and channel (images only)
+    # model.cond = "class": probability that a label is replaced by the null class (Ho & Salimans
+    # 2022), so that one network learns the conditional and the unconditional model
+    cond_drop: float = 0.1
     hflip: bool = False  # random horizontal flips of training images (Ho et al. on CIFAR-10)
     # autocast of the network: fp32, bf16, fp16 (CUDA) or auto (bf16 where native); see ddpm.devices
     precision: str = "fp32"
@@ -222,6 +233,8 @@ class TrainConfig:
         _one_of("precision", self.precision, PRECISIONS)
         _positive_float("min_snr_gamma", self.min_snr_gamma, allow_none=True)
         _positive_float("offset_noise", self.offset_noise, allow_zero=True)
+        if not (isinstance(self.cond_drop, int | float) and 0 <= self.cond_drop <= 1):
+            raise ConfigError(f"cond_drop must lie in [0, 1], got {self.cond_drop!r}")
         _positive_int("seed", self.seed, allow_zero=True)
         _positive_int("log_every", self.log_every)
         _positive_int("sample_every", self.sample_every, allow_zero=True)
@@ -247,6 +260,10 @@ class SampleConfig:
     use_ema: bool = True
     clip_x0: bool = True  # images: clamp the x_0 prediction to [-1, 1]
     dynamic_threshold: float | None = None  # images: Imagen's dynamic thresholding percentile
+    # Class-conditional runs: the class to draw (None: unconditional, the null class) and the
+    # guidance scale w (None: 1, plain conditional); see ddpm.guidance for the convention.
+    class_label: int | None = None
+    guidance: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int("sample.num", self.num, allow_none=True)
@@ -264,6 +281,11 @@ class SampleConfig:
             raise ConfigError(
                 f"dynamic_threshold is a percentile in (0, 1], got {self.dynamic_threshold!r}"
             )
+        _positive_int("sample.class_label", self.class_label, allow_none=True, allow_zero=True)
+        if self.guidance is not None and not (
+            isinstance(self.guidance, int | float) and math.isfinite(self.guidance)
+        ):
+            raise ConfigError(f"guidance must be a finite number, got {self.guidance!r}")
 
     def sampler_options(self) -> dict[str, Any]:
         """The options only the chosen sampler takes (eta for DDIM, order for DPM-Solver++)."""
@@ -442,11 +464,19 @@ def default_preset(kind: str, sample_shape: tuple[int, ...]) -> str:
     return "tiny" if max(sample_shape[1:]) <= 16 else "small"
 
 
-def resolve_config(config: RunConfig, *, kind: str, sample_shape: tuple[int, ...]) -> RunConfig:
+def resolve_config(
+    config: RunConfig,
+    *,
+    kind: str,
+    sample_shape: tuple[int, ...],
+    num_classes: int | None = None,
+) -> RunConfig:
     """The config with its data-dependent choices made: the model preset, the image size, the learning
-    rate (``DEFAULT_LR`` of the preset) and the default budget (``DEFAULT_STEPS``) when neither steps
-    nor minutes is set."""
+    rate (``DEFAULT_LR`` of the preset), the default budget (``DEFAULT_STEPS``) when neither steps
+    nor minutes is set, and for ``model.cond = "class"`` the number of classes, ``num_classes`` of
+    the data set's labels (None: the data have none)."""
     model, data, train = config.model, config.data, config.train
+    model = _resolve_classes(model, data.name, num_classes)
     if model.preset is None:
         model = dataclasses.replace(model, preset=default_preset(kind, tuple(sample_shape)))
     if kind == "image" and data.image_size is None:
@@ -466,3 +496,21 @@ def resolve_config(config: RunConfig, *, kind: str, sample_shape: tuple[int, ...
     if train.hflip and kind == "points":
         raise ConfigError("hflip mirrors images; it does not apply to 2-D point data")
     return dataclasses.replace(config, model=model, data=data, train=train)
+
+
+def _resolve_classes(model: ModelConfig, data_name: str, num_classes: int | None) -> ModelConfig:
+    if model.cond is None:
+        if model.num_classes is not None:
+            raise ConfigError("model.num_classes needs model.cond = 'class' (--cond class)")
+        return model
+    if num_classes is None:
+        raise ConfigError(
+            f"--cond class needs class labels, and data set '{data_name}' has none (a folder "
+            "needs one subfolder per class; an npz a 'y' array)"
+        )
+    if model.num_classes is not None and model.num_classes != num_classes:
+        raise ConfigError(
+            f"model.num_classes is {model.num_classes}, but data set '{data_name}' has "
+            f"{num_classes} classes"
+        )
+    return dataclasses.replace(model, num_classes=num_classes)

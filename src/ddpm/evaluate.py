@@ -43,7 +43,7 @@ from ddpm.devices import describe_device
 from ddpm.errors import ConfigError
 from ddpm.likelihood import bits_per_dim_summary, variational_bound
 from ddpm.nets.classifier import Classifier
-from ddpm.runs import draw, load_data, load_run, sampler_options
+from ddpm.runs import class_labels_for, draw, load_data, load_run, parse_class, sampler_options
 from ddpm.samplers import DEFAULT_GRIDS, GRIDS, SAMPLERS
 
 Tensor = torch.Tensor
@@ -438,9 +438,11 @@ def image_metrics(
     *,
     seed: int = 0,
     num_classes: int | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, Any]:
     """FID, KID, precision/recall of samples against reference features (both [N, D]); with a
-    classifier also its Inception Score and the class histogram of the samples."""
+    classifier also its Inception Score, the class histogram of the samples and, given the class
+    each sample was asked to be (``labels`` [N]), the fraction the classifier assigns to it."""
     fake = extractor.features(quantize(samples))
     g = torch.Generator().manual_seed(seed)
     kid_mean, kid_std = metrics.kernel_inception_distance(fake, reference, generator=g)
@@ -457,6 +459,10 @@ def image_metrics(
         out["inception_score"] = metrics.inception_score(probs)[0]
         hist = torch.bincount(probs.argmax(1), minlength=num_classes or probs.shape[1])
         out["class_histogram"] = hist.tolist()
+        if labels is not None:
+            out["class_accuracy"] = float(
+                (probs.argmax(1) == labels.to(probs.device)).double().mean()
+            )
     return out
 
 
@@ -477,6 +483,8 @@ def eval_run(
     cache: str | Path | None | bool = True,
     progress: bool = True,
     device: str | torch.device | None = "auto",
+    class_label: int | str | None = None,
+    guidance: float | None = None,
     **sample_options,
 ) -> EvalReport:
     """Draw ``num`` samples from the run (``sampler`` on ``steps`` points of ``grid``; steps None = the
@@ -493,7 +501,12 @@ def eval_run(
     Sampling goes through the run's one sampling path (``ddpm.runs.iter_samples``): every [sample]
     option of the run (eta, order, clip_x0, dynamic_threshold) applies unless ``sample_options``
     overrides it; ``sampler``, ``steps`` and ``grid`` are this protocol's own (DPM-Solver++, 50 steps,
-    the sampler's default grid)."""
+    the sampler's default grid).
+
+    Class-conditional runs: ``class_label`` c (index or name) draws every sample of class c, with
+    classifier-free guidance at scale ``guidance`` (default 1), against the reference images of
+    class c; "all" draws the classes in equal shares against the whole reference split. Either way
+    ``class_accuracy`` is the fraction of samples the shipped classifier assigns to their class."""
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
     _check_positive("ref_num", ref_num)
@@ -506,7 +519,11 @@ def eval_run(
         raise ConfigError(f"unknown features {features!r}; known: {', '.join(FEATURES)}")
     run = load_run(run_dir, use_ema=use_ema, device=device)
     model, ckpt = run.model, run.checkpoint
-    given = {"sampler": sampler, "grid": grid, **sample_options}
+    label = parse_class(class_label, ckpt.meta.get("data", {}).get("class_names"))
+    if label is None and guidance is not None:
+        raise ConfigError("--guidance needs --class (a class index, name or 'all')")
+    labels = class_labels_for(model, num, label)
+    given = {"sampler": sampler, "grid": grid, "guidance": guidance, **sample_options}
     config = merge_config(
         run.config, {"sample": {k: v for k, v in given.items() if v is not None}}, "eval options"
     )
@@ -539,9 +556,10 @@ def eval_run(
         batch_size=batch_size,
         device=run.device,
         progress=progress,
+        class_labels=labels,
     ).x0
     sample_seconds = time.monotonic() - start
-    reference = load_data(config, ref_split)
+    reference = _of_class(load_data(config, ref_split), label)
     protocol = {
         "run": str(run_dir),
         "checkpoint_step": ckpt.step,
@@ -557,9 +575,14 @@ def eval_run(
         "device": describe_device(run.device),
         "num_timesteps": T,
         "seed": seed,
-        "reference_split": ref_split,
+        "reference_split": ref_split
+        if not isinstance(label, int)
+        else f"{ref_split}, class {label}",
         "sampling_seconds": round(sample_seconds, 1),
     }
+    if labels is not None:
+        protocol["class"] = label
+        protocol["guidance"] = 1.0 if config.sample.guidance is None else config.sample.guidance
     results: dict[str, Any] = {"protocol": protocol}
     if kind == "points":
         results.update(_points_metrics(samples, reference, config, num, ref_num, seed, ref_split))
@@ -571,14 +594,14 @@ def eval_run(
             ref_feats = reference_features(
                 ex,
                 reference,
-                split=ref_split,
+                split=ref_split if not isinstance(label, int) else f"{ref_split}-class{label}",
                 image_size=config.data.image_size,
                 root=config.data.root,
                 num=n_ref,
                 cache=cache_path,
             )
             block = image_metrics(
-                samples, ref_feats, ex, seed=seed, num_classes=reference.num_classes
+                samples, ref_feats, ex, seed=seed, num_classes=reference.num_classes, labels=labels
             )
             block["protocol"] = {
                 **ex.protocol,
@@ -588,7 +611,7 @@ def eval_run(
                 "precision_recall_k": 3,
             }
             if ex.name == "classifier" and ref_split != "train":
-                train = load_data(config, "train")
+                train = _of_class(load_data(config, "train"), label)
                 idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
                 floor = image_metrics(train.x[idx[:num]], ref_feats, ex, seed=seed)
                 block["train_vs_ref"] = {
@@ -599,9 +622,20 @@ def eval_run(
             results[ex.name] = block
     weights = protocol["weights"]
     tag = f"eval_{sampler}_{protocol['steps']}_{num}_seed{seed}_{weights}"
+    if labels is not None:
+        tag += f"_class{label}_w{protocol['guidance']:g}"
     results["elapsed_s"] = round(time.monotonic() - start, 1)
     json_path = _write_json(_eval_dir(run_dir, out_dir) / f"{tag}.json", results)
     return EvalReport(json_path, results)
+
+
+def _of_class(data: ArrayDataset, label: int | str | None) -> ArrayDataset:
+    """The examples of one class (``label`` an index), else the whole data set."""
+    if not isinstance(label, int) or data.y is None:
+        return data
+    keep = data.y == label
+    return ArrayDataset(data.x[keep], data.y[keep], data.name, data.num_classes, data.density,
+                        data.class_names)  # fmt: skip
 
 
 def _points_metrics(samples, reference, config, num, ref_num, seed, ref_split) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from ddpm.diffusion import PREDICTIONS, VARIANCES, q_sample
+from ddpm.guidance import drop_labels
 from ddpm.losses import OBJECTIVES, ImportanceSampler, training_loss
 from ddpm.schedules import NoiseSchedule
 
@@ -73,7 +74,9 @@ class Objective:
     learned variance, simple otherwise (see ``losses.training_loss``). ``timestep_sampler`` "uniform"
     is Algorithm 1's t ~ U{1..T}; "importance" draws t ~ p(t) from the recent losses and weights each
     example by 1 / (T p(t)) (its state is ``state_dict()``). ``decoder`` is L_0's: "discretized" for
-    8-bit images (eq. 13), "gaussian" for continuous data."""
+    8-bit images (eq. 13), "gaussian" for continuous data. A class-conditional objective has
+    ``null_label`` (the network's "no class" label) and drops each label to it with probability
+    ``cond_drop`` (see :meth:`conditioning`)."""
 
     schedule: NoiseSchedule
     prediction: str = "eps"
@@ -85,6 +88,8 @@ class Objective:
     decoder: str = "discretized"
     timestep_sampler: str = "uniform"
     importance: ImportanceSampler | None = field(default=None, repr=False)
+    null_label: int | None = None
+    cond_drop: float = 0.0
 
     def __post_init__(self) -> None:
         checks = (
@@ -127,6 +132,19 @@ class Objective:
             t, weight = self.importance.sample(batch, generator)
         eps = draw_noise(shape, generator, self.offset_noise)
         return Draw(t, eps, weight.to(eps.device))
+
+    def conditioning(
+        self, labels: Tensor | None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """The network's keyword arguments for a batch's class labels [B]: {} for an unconditional
+        objective, else ``class_labels`` with each label replaced by the null class with probability
+        ``cond_drop``, uniforms drawn from ``generator`` (classifier-free guidance's training half,
+        Ho & Salimans 2022, Algorithm 1)."""
+        if self.null_label is None:
+            return {}
+        if labels is None:
+            raise ValueError("a class-conditional objective needs the batch's class labels")
+        return {"class_labels": drop_labels(labels, self.cond_drop, self.null_label, generator)}
 
     def __call__(self, net: Network, x0: Tensor, t: Tensor, eps: Tensor, **conditioning) -> Tensor:
         """The per-example loss [B] (float32) at x_t = q_sample(x0, t, eps), the network called as

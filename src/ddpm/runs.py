@@ -50,6 +50,7 @@ from ddpm.config import (
 from ddpm.data import load_dataset
 from ddpm.devices import default_sample_batch, resolve_device
 from ddpm.errors import ConfigError, DDPMError, RunDirError
+from ddpm.guidance import classifier_free_guidance
 from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet
 from ddpm.objective import Objective
 from ddpm.samplers import DEFAULT_GRIDS, SamplerOutput, sample, timestep_grid
@@ -67,6 +68,8 @@ RUN_FORMAT_VERSION = 1
 ARCHS: dict[str, type[torch.nn.Module]] = {"unet": UNet, "mlp": MLP}
 PREVIEW_IMAGES = 64
 PREVIEW_POINTS = 2000
+CLASS_GRID_DEFAULT = 8  # samples per class of ``ddpm sample --class all``
+CLASS_GRID_COLUMNS = 16  # ... of which at most this many per row of the picture
 
 
 def build_model(
@@ -75,8 +78,10 @@ def build_model(
     """The network of a resolved ModelConfig for data of the given kind and shape (no batch dim)."""
     overrides = model_cfg.overrides()
     preset = model_cfg.preset
+    if model_cfg.num_classes is not None:  # a class-conditional network (model.cond = "class")
+        overrides["num_classes"] = model_cfg.num_classes
     if preset == "mlp":
-        if bad := sorted(set(overrides) - set(MLP_FIELDS)):
+        if bad := sorted(set(overrides) - {*MLP_FIELDS, "num_classes"}):
             raise ConfigError(f"model option '{bad[0]}' does not apply to the mlp")
         return MLP(dim=int(sample_shape[0]), learn_sigma=learn_sigma, **overrides)
     if preset not in UNET_PRESETS:
@@ -194,7 +199,27 @@ def build_objective(config: RunConfig, kind: str) -> Objective:
         offset_noise=tc.offset_noise,
         decoder="gaussian" if kind == "points" else "discretized",
         timestep_sampler=tc.timestep_sampler,
+        null_label=config.model.num_classes if config.model.cond == "class" else None,
+        cond_drop=tc.cond_drop,
     )
+
+
+def class_names(dataset) -> tuple[str, ...]:
+    """The names of a labelled data set's classes ("0", "1", ... where it has none)."""
+    return dataset.class_names or tuple(str(i) for i in range(dataset.num_classes))
+
+
+def data_meta(config: RunConfig, dataset) -> dict[str, Any]:
+    """What a checkpoint's meta.json says about the data: name, kind, the shape of one example and,
+    for a class-conditional run, the number of classes and their names (label i is class_names[i])."""
+    meta = {
+        "name": config.data.name,
+        "kind": dataset.kind,
+        "sample_shape": list(dataset.sample_shape),
+    }
+    if config.model.cond == "class":
+        meta.update(num_classes=dataset.num_classes, class_names=list(class_names(dataset)))
+    return meta
 
 
 def sampler_options(config: RunConfig, *, is_image: bool) -> dict[str, Any]:
@@ -223,13 +248,22 @@ def iter_samples(
     device: torch.device | str | None = None,
     record=(),
     progress: bool = False,
+    class_labels: Tensor | None = None,
 ):
     """The one way a run is sampled (training previews, ``ddpm sample``, ``ddpm eval``): ``num``
     samples with the run's [sample] settings (``config.sample``: sampler, grid, options) on ``steps``
     points (None: the sample config's steps, else all T), in batches of ``batch_size`` (bounded
     memory; default by device, ``devices.default_sample_batch``), yielding one ``SamplerOutput`` per
     batch. One CPU generator seeded with ``seed`` draws x_T and every z of all batches in turn, so the
-    samples are the same on every device for a given (seed, batch_size)."""
+    samples are the same on every device for a given (seed, batch_size).
+
+    A class-conditional model samples sample i of class ``class_labels[i]`` ([num]; None: the
+    config's ``sample.class_label`` for all, or unconditionally when that is None too) with
+    classifier-free guidance at scale ``sample.guidance`` (None: 1, plain conditional), whatever
+    the sampler: the guided model is what the sampler calls (``ddpm.guidance``)."""
+    if class_labels is None:
+        class_labels = class_labels_for(model, num, config.sample.class_label)
+    scale = 1.0 if config.sample.guidance is None else config.sample.guidance
     device = torch.device(device) if device is not None else _device_of(model)
     is_image = len(shape) > 1
     T = schedule.num_timesteps
@@ -243,8 +277,12 @@ def iter_samples(
     try:
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
+            net = model
+            if class_labels is not None:
+                labels = class_labels[start : start + n].to(device)
+                net = classifier_free_guidance(model, labels, scale, model.null_label)
             yield sample(
-                model,
+                net,
                 schedule,
                 (n, *shape),
                 sampler=config.sample.sampler,
@@ -267,6 +305,45 @@ def draw(model, schedule: NoiseSchedule, shape, config: RunConfig, *, num, **opt
     parts = list(iter_samples(model, schedule, shape, config, num=num, **options))
     x0 = torch.cat([p.x0.float().cpu() for p in parts])
     return SamplerOutput(x0, parts[0].trajectory if parts else {})
+
+
+def class_labels_for(model, num: int, class_label: int | str | None) -> Tensor | None:
+    """The class of each of ``num`` samples of ``model``: None (unconditional) for ``class_label``
+    None, one class for all, or for "all" every class in turn, in equal contiguous blocks (num =
+    n num_classes gives n of class 0, then n of class 1, ...: the rows of a class grid). A class
+    for a network without classes, or out of range, is a one-line ConfigError."""
+    if class_label is None:
+        return None
+    k = getattr(model, "num_classes", None)
+    if k is None:
+        raise ConfigError(
+            "this run is not class-conditional (trained without --cond class); --class and "
+            "--guidance need one that is"
+        )
+    if class_label == "all":
+        return torch.arange(num) * k // num
+    if (
+        isinstance(class_label, bool)
+        or not isinstance(class_label, int)
+        or not 0 <= class_label < k
+    ):
+        raise ConfigError(
+            f"class {class_label!r} is out of range: the run has {k} classes, 0..{k - 1}"
+        )
+    return torch.full((num,), class_label, dtype=torch.long)
+
+
+def parse_class(value: int | str | None, names: list[str] | None) -> int | str | None:
+    """A class given by the user: None, an index, "all", or one of the run's class names."""
+    if value is None or isinstance(value, int) or value == "all":
+        return value
+    if names and value in names:
+        return names.index(value)
+    try:
+        return int(value)
+    except ValueError:
+        known = f"; known: {', '.join(names)}" if names else ""
+        raise ConfigError(f"unknown class {value!r} (an index, a name or 'all'{known})") from None
 
 
 def _device_of(model) -> torch.device:
@@ -353,6 +430,8 @@ def sample_run(
     progress: bool = True,
     device: torch.device | str | None = "auto",
     batch_size: int | None = None,
+    class_label: int | str | None = None,
+    guidance: float | None = None,
     **sample_options,
 ) -> SampleResult:
     """Draw samples from a trained run and write ``<out_dir>/step_XXXXXXX_seedS.png`` (a grid of the
@@ -361,8 +440,14 @@ def sample_run(
     Samples are drawn ``batch_size`` at a time and streamed to disk, so memory stays bounded whatever
     ``num``; the .npz appears complete or not at all. Unset options come from the run's [sample]
     config; ``out_dir`` defaults to RUN/generated. ``sample_options`` override other [sample] keys
-    (sampler, grid, eta, order, clip_x0, dynamic_threshold); None leaves a key as the run has it."""
-    given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, **sample_options}
+    (sampler, grid, eta, order, clip_x0, dynamic_threshold); None leaves a key as the run has it.
+
+    Class-conditional runs: ``class_label`` (an index, a class name, or "all": ``num`` samples of
+    every class, default 8, drawn as a grid with one row per class named by the run's class names)
+    with classifier-free guidance at scale ``guidance`` (default: [sample] guidance, else 1); the
+    .npz then holds ``labels`` too."""
+    given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, "guidance": guidance}
+    given.update(sample_options)
     run_config = load_run_config(run_dir)
     sc = merge_config(
         run_config, {"sample": {k: v for k, v in given.items() if v is not None}}, "sample options"
@@ -374,15 +459,27 @@ def sample_run(
     num_steps = T if sc.steps is None else sc.steps
     if num_steps > T:
         raise ConfigError(f"steps must be at most T={T}, got {num_steps}")
+    names = run.checkpoint.meta.get("data", {}).get("class_names")
+    label = parse_class(sc.class_label if class_label is None else class_label, names)
+    if label is None and guidance is not None:
+        raise ConfigError("--guidance needs --class (a class index, name or 'all')")
+    per_class = CLASS_GRID_DEFAULT if sc.num is None else sc.num
     num = default_num(shape) if sc.num is None else sc.num
+    if label == "all":
+        num = per_class * run.model.num_classes if run.model.num_classes else num
+    labels = class_labels_for(run.model, num, label)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
     how = "" if sc.sampler == "ancestral" else f"_{sc.sampler}{num_steps}"
+    if labels is not None:
+        how += f"_class{label}_w{1.0 if sc.guidance is None else sc.guidance:g}"
     stem = f"step_{run.checkpoint.step:07d}_seed{sc.seed}{how}" + ("" if sc.use_ema else "_raw")
     is_image = len(shape) > 1
     dims = math.prod(shape)
     columns = {"x0": (np.float32, (num, *shape))}
     if is_image:
         columns["images"] = (np.uint8, (num, shape[1], shape[2], shape[0]))
+    if labels is not None:
+        columns["labels"] = (np.int64, (num,))
     check_disk_space(out_dir, sum(np.dtype(t).itemsize for t, _ in columns.values()) * dims * num)
     grid = sc.grid or DEFAULT_GRIDS[sc.sampler]
     kept = timestep_grid(schedule, num_steps, grid) if num_steps < T else torch.arange(T)
@@ -402,26 +499,41 @@ def sample_run(
         device=run.device,
         record=record if trajectory else (),
         progress=progress,
+        class_labels=labels,
     )
     first: list = []
+    grid: list = []  # --class all: the first CLASS_GRID_COLUMNS samples of each class
 
     def arrays():
+        start = 0
         for out in batches:
             x0 = out.x0.float().cpu()
             if not first:
                 first.append(out._replace(x0=x0))
+            rows = torch.arange(start, start + len(x0))
+            if label == "all":
+                grid.append(x0[rows % per_class < CLASS_GRID_COLUMNS])
             chunk = {"x0": x0.numpy()}
             if is_image:
                 chunk["images"] = viz.to_uint8(x0)
+            if labels is not None:
+                chunk["labels"] = labels[rows].numpy()
+            start += len(x0)
             yield chunk
 
     npz = write_npz_stream(out_dir / f"{stem}.npz", columns, arrays())
     head = first[0]
-    png = save_samples(
-        head.x0[:PREVIEW_IMAGES] if is_image else head.x0,
-        out_dir / f"{stem}.png",
-        title=f"step {run.checkpoint.step}",
-    )
+    if label == "all" and is_image:
+        png = viz.save_labelled_rows(
+            torch.cat(grid), names or [str(i) for i in range(run.model.num_classes)],
+            out_dir / f"{stem}.png",
+        )  # fmt: skip
+    else:
+        png = save_samples(
+            head.x0[:PREVIEW_IMAGES] if is_image else head.x0,
+            out_dir / f"{stem}.png",
+            title=f"step {run.checkpoint.step}",
+        )
     traj_png = None
     if trajectory:
         labels = {i: f"t={int(kept[i]) + 1}" for i in record}

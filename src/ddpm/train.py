@@ -49,6 +49,7 @@ from ddpm.runs import (
     build_objective,
     check_run_dir,
     check_same_run,
+    data_meta,
     default_num,
     draw,
     load_data,
@@ -108,6 +109,8 @@ class _Job(NamedTuple):
     config: RunConfig
     run_dir: Path
     data_x: torch.Tensor  # the whole training set, on the CPU
+    data_y: torch.Tensor | None  # its class labels (class-conditional runs), on the CPU
+    data_meta: dict  # what checkpoints say about the data (``runs.data_meta``)
     kind: str
     sample_shape: tuple[int, ...]
     state: TrainState
@@ -227,16 +230,21 @@ def _gradient(job: _Job, lr: float) -> tuple[float, float]:
     state, objective, device = job.state, job.objective, job.device
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    x0 = job.data_x[state.order.next(job.config.train.batch_size)]
+    idx = state.order.next(job.config.train.batch_size)
+    x0 = job.data_x[idx]
     if job.config.train.hflip:  # the global batch's flips, like its t and eps: every rank the same
         x0 = random_hflip(x0, state.extra_generators["flip"])
     drawn = objective.draw(x0.shape, state.noise_generator)
+    labels = None if job.data_y is None else job.data_y[idx]  # the images' own labels
+    cond = objective.conditioning(labels, state.extra_generators.get("labels"))
     t_global = drawn.t
-    if job.shard is not None:  # every rank draws the global batch's t and eps, then takes its rows
+    if job.shard is not None:  # every rank draws the global batch's t, eps, drops; takes its rows
         x0, drawn = x0[job.shard], drawn.rows(job.shard)
+        cond = {k: v[job.shard] for k, v in cond.items()}
     x0, drawn = x0.to(device, non_blocking=True), drawn.to(device)
+    cond = {k: v.to(device) for k, v in cond.items()}
     with autocast(device, job.precision):
-        losses = objective(job.net, x0, drawn.t, drawn.eps)
+        losses = objective(job.net, x0, drawn.t, drawn.eps, **cond)
     if objective.importance is not None:
         # Every rank records the whole batch's losses, so all keep one history and draw the same t.
         objective.observe(t_global, distributed.gather_rows(job.d, losses.detach()).cpu())
@@ -298,7 +306,12 @@ def _resolve(config: RunConfig, run_dir: Path, d: distributed.Dist):
     """(the config with its data-dependent choices made, the data set), checked against the run
     directory's own config when resuming; nothing is written."""
     dataset = load_data(config)
-    config = resolve_config(config, kind=dataset.kind, sample_shape=tuple(dataset.sample_shape))
+    config = resolve_config(
+        config,
+        kind=dataset.kind,
+        sample_shape=tuple(dataset.sample_shape),
+        num_classes=dataset.num_classes if dataset.y is not None else None,
+    )
     if (run_dir / CONFIG_FILE).is_file():
         check_same_run(load_run_config(run_dir), config, run_dir)
     if config.train.batch_size % d.world_size:
@@ -341,7 +354,10 @@ def _setup(
         torch.Generator().manual_seed(tc.seed + 1),  # t and eps of Algorithm 1
         objective,
         scaler=grad_scaler(device, precision),
-        extra_generators={"flip": torch.Generator().manual_seed(tc.seed + 2)},
+        extra_generators={  # flips; the labels dropped to the null class
+            "flip": torch.Generator().manual_seed(tc.seed + 2),
+            "labels": torch.Generator().manual_seed(tc.seed + 3),
+        },
     )
     trained_on = []
     if resumed is not None:
@@ -366,9 +382,11 @@ def _setup(
         verbose,
     )
     data_x = torch.as_tensor(dataset.x, dtype=torch.float32)
+    data_y = dataset.y if config.model.cond == "class" else None
     shard = d.shard(tc.batch_size) if d.enabled else None
-    return _Job(config, run_dir, data_x, dataset.kind, sample_shape, state, objective.to(device),
-                net, device, precision, d, shard, trained_on, resumed.path if resumed else None)  # fmt: skip
+    return _Job(config, run_dir, data_x, data_y, data_meta(config, dataset), dataset.kind,
+                sample_shape, state, objective.to(device), net, device, precision, d, shard,
+                trained_on, resumed.path if resumed else None)  # fmt: skip
 
 
 def _save(job: _Job, loss: float, elapsed_s: float) -> Path:
@@ -386,11 +404,7 @@ def _save(job: _Job, loss: float, elapsed_s: float) -> Path:
             "config": state.model.config,
             "num_parameters": count_parameters(state.model),
         },
-        data={
-            "name": job.config.data.name,
-            "kind": job.kind,
-            "sample_shape": list(job.sample_shape),
-        },
+        data=job.data_meta,
         config=job.config.to_dict(),
         trained_on=job.trained_on,
     )

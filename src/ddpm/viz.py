@@ -122,6 +122,42 @@ def save_image_grid(x, path, nrow: int | None = None, scale: int | None = None) 
     return _save_pil(_grid_image(x, nrow, scale), path)
 
 
+def save_labelled_rows(
+    x, captions: Sequence[str], path, scale: int | None = None, columns: int | None = None
+) -> Path:
+    """Save images x [R * n, C, H, W] in [-1, 1] as a grid of R rows of n (row r holds images
+    r n .. r n + n - 1), each row named by ``captions[r]`` at its left, e.g. one row per class.
+    ``columns`` tiles per row (default: len(x) / R; a full grid)."""
+    u = _numpy(x)
+    rows = len(captions)
+    if rows == 0 or len(u) % rows:
+        raise ValueError(f"{len(u)} images do not make {rows} equal rows")
+    grid = _grid_image(u, columns or len(u) // rows, scale)
+    tile_h = (grid.height - _PAD) // rows - _PAD
+    white = 255 if grid.mode == "L" else (255,) * 3
+    probe = ImageDraw.Draw(grid)
+    band = 6 + max(int(math.ceil(probe.textlength(str(c)))) for c in captions)
+    out = Image.new(grid.mode, (grid.width + band, grid.height), color=white)
+    out.paste(grid, (band, 0))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(captions):
+        y = _PAD + r * (tile_h + _PAD) + max(tile_h // 2 - 6, 0)
+        draw.text((3, y), str(text), fill=0 if grid.mode == "L" else (0, 0, 0))
+    return _save_pil(out, path)
+
+
+def save_strip(x, captions: Sequence[str], path, scale: int | None = None) -> Path:
+    """Save images x [N, C, H, W] in [-1, 1] side by side in one row, ``captions[i]`` above image i
+    (tiles upscaled so that the longest caption fits, ~6 px a character)."""
+    u = _numpy(x)
+    if len(u) != len(captions):
+        raise ValueError(f"{len(u)} images but {len(captions)} captions")
+    if scale is None:
+        widest = 6 * max(len(str(c)) for c in captions) + 4
+        scale = _default_scale(u.shape[-1], max(_MIN_CAPTIONED_TILE_PX, widest))
+    return _save_pil(_captioned_grid([t[None] for t in u], [str(c) for c in captions], scale), path)
+
+
 def save_scatter(
     points, path, reference=None, title: str | None = None, lim: float | None = None
 ) -> Path:
