@@ -85,7 +85,9 @@ def main() -> None:
             "inception_score": block["inception_score"],
             "seconds": round(time.monotonic() - start, 1),
         })  # fmt: skip
-        print(f"w = {w:g}: accuracy {block['class_accuracy']:.3f}, FID {block['fid']:.2f}", flush=True)
+        print(
+            f"w = {w:g}: accuracy {block['class_accuracy']:.3f}, FID {block['fid']:.2f}", flush=True
+        )
     protocol = report.results["protocol"]
     floor = report.results["classifier"].get("train_vs_ref", {})
 

@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cond_config
 from PIL import Image
 
+from conftest import cond_config
 from ddpm.checkpoint import latest_checkpoint
 from ddpm.cli import main
 from ddpm.data import load_dataset
@@ -199,10 +199,19 @@ def test_bad_conditional_input_is_one_line_and_writes_nothing(
     monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "x.npz", x=np.zeros((4, 8, 8), np.uint8))
     argv, code, message = BAD[name]
-    subs = {"PLAIN": trained_run, "COND": cond_run, "NPZ": tmp_path / "x.npz", "NEW": tmp_path / "r"}
+    subs = {
+        "PLAIN": trained_run,
+        "COND": cond_run,
+        "NPZ": tmp_path / "x.npz",
+        "NEW": tmp_path / "r",
+    }
     argv = [str(subs.get(a, a)) for a in argv]
     out = ["--out", str(tmp_path / "out")] if argv[0] in ("sample", "eval") else []
-    before = sorted(tmp_path.rglob("*")), sorted(cond_run.rglob("*")), sorted(trained_run.rglob("*"))
+    before = (
+        sorted(tmp_path.rglob("*")),
+        sorted(cond_run.rglob("*")),
+        sorted(trained_run.rglob("*")),
+    )
     assert main([*argv, *out]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ddpm: error: ") and message in err[0], err

@@ -34,7 +34,8 @@ def inputs(tmp_path):
     """Two test digits as 8x8 PNGs, and a mask whose right half (white) is to be filled in."""
     x = load_dataset("digits", split="test").x[:2, 0]
     a, b = (np.rint((d.numpy() + 1) * 127.5) for d in x)
-    mask = np.zeros((8, 8)); mask[:, 4:] = 255  # fmt: skip
+    mask = np.zeros((8, 8))
+    mask[:, 4:] = 255
     folder = tmp_path / "in"
     folder.mkdir()
     return {

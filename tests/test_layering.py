@@ -3,7 +3,7 @@
 errors < math (schedules, diffusion, losses)
 < algorithms (likelihood, samplers, oracle, guidance, editing)
 < components (nets, data, metrics, viz: none imports another)
-< assembly (config, checkpoint, train, evaluate, cli).
+< assembly (config, checkpoint, train, evaluate, edit, cli).
 """
 
 import ast

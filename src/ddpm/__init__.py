@@ -56,6 +56,10 @@ _LAZY = {
     "eval_run": "ddpm.evaluate",
     "import_diffusers": "ddpm.interop",
     "export_diffusers": "ddpm.interop",
+    "inpaint_run": "ddpm.edit",
+    "sdedit_run": "ddpm.edit",
+    "invert_run": "ddpm.edit",
+    "interpolate_run": "ddpm.edit",
 }
 
 

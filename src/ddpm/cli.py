@@ -579,7 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("--num", type=int, help="number of samples (default 64; any number fits)")
+    p.add_argument(
+        "--num",
+        type=int,
+        help="number of samples (default 64; any number fits; per class, "
+        "default 8, with --class all)",
+    )
     p.add_argument(
         "--batch-size",
         type=int,

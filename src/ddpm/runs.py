@@ -659,6 +659,8 @@ def describe_run(run_dir: str | Path) -> str:
         model_line += f" ({meta['model']['arch']}, {meta['model']['num_parameters']:,} parameters)"
     if m.overrides():
         model_line += f", overrides {json.dumps(m.overrides())}"
+    if m.cond == "class":
+        model_line += f", class-conditional ({m.num_classes} classes, cond_drop {tc.cond_drop:g})"
     lines.append(model_line)
     lines.append(
         f"diffusion:  {df.schedule} schedule, T={df.num_timesteps}, predicts {df.prediction}, variance {df.variance}"
