@@ -217,3 +217,49 @@ def test_bad_conditional_input_is_one_line_and_writes_nothing(
     assert len(err) == 1 and err[0].startswith("ddpm: error: ") and message in err[0], err
     after = sorted(tmp_path.rglob("*")), sorted(cond_run.rglob("*")), sorted(trained_run.rglob("*"))
     assert after == before
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun: every rank draws the global batch's label drops, then takes its rows
+# --------------------------------------------------------------------------------------------------
+
+MOONS_TOML = """\
+[data]
+name = "moons"
+num_points = 256
+
+[model]
+cond = "class"
+hidden = 32
+num_layers = 2
+
+[diffusion]
+num_timesteps = 100
+
+[train]
+batch_size = 32
+warmup_steps = 2
+cond_drop = 0.5
+sample_every = 0
+sample_steps = 4
+checkpoint_every = 0
+tensorboard = false
+
+[sample]
+num = 16
+steps = 4
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_processes_drop_the_labels_of_one_process(tmp_path):
+    from ddpm.config import load_config, merge_config
+    from test_distributed import assert_close_weights, torchrun
+
+    (tmp_path / "moons.toml").write_text(MOONS_TOML)
+    config = merge_config(load_config(tmp_path / "moons.toml"), {"train": {"steps": 6}})
+    train(config, tmp_path / "one", progress=False, verbose=False)
+    args = ["train", "--config", str(tmp_path / "moons.toml"), "--steps", "6"]
+    proc = torchrun([*args, "--run-dir", str(tmp_path / "two"), "-q"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close_weights(tmp_path / "one", tmp_path / "two")
