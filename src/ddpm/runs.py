@@ -467,10 +467,10 @@ def sample_run(
     num = default_num(shape) if sc.num is None else sc.num
     if label == "all":
         num = per_class * run.model.num_classes if run.model.num_classes else num
-    labels = class_labels_for(run.model, num, label)
+    class_labels = class_labels_for(run.model, num, label)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
     how = "" if sc.sampler == "ancestral" else f"_{sc.sampler}{num_steps}"
-    if labels is not None:
+    if class_labels is not None:
         how += f"_class{label}_w{1.0 if sc.guidance is None else sc.guidance:g}"
     stem = f"step_{run.checkpoint.step:07d}_seed{sc.seed}{how}" + ("" if sc.use_ema else "_raw")
     is_image = len(shape) > 1
@@ -478,7 +478,7 @@ def sample_run(
     columns = {"x0": (np.float32, (num, *shape))}
     if is_image:
         columns["images"] = (np.uint8, (num, shape[1], shape[2], shape[0]))
-    if labels is not None:
+    if class_labels is not None:
         columns["labels"] = (np.int64, (num,))
     check_disk_space(out_dir, sum(np.dtype(t).itemsize for t, _ in columns.values()) * dims * num)
     grid = sc.grid or DEFAULT_GRIDS[sc.sampler]
@@ -499,10 +499,10 @@ def sample_run(
         device=run.device,
         record=record if trajectory else (),
         progress=progress,
-        class_labels=labels,
+        class_labels=class_labels,
     )
     first: list = []
-    grid: list = []  # --class all: the first CLASS_GRID_COLUMNS samples of each class
+    class_rows: list = []  # --class all: the first CLASS_GRID_COLUMNS samples of each class
 
     def arrays():
         start = 0
@@ -512,12 +512,12 @@ def sample_run(
                 first.append(out._replace(x0=x0))
             rows = torch.arange(start, start + len(x0))
             if label == "all":
-                grid.append(x0[rows % per_class < CLASS_GRID_COLUMNS])
+                class_rows.append(x0[rows % per_class < CLASS_GRID_COLUMNS])
             chunk = {"x0": x0.numpy()}
             if is_image:
                 chunk["images"] = viz.to_uint8(x0)
-            if labels is not None:
-                chunk["labels"] = labels[rows].numpy()
+            if class_labels is not None:
+                chunk["labels"] = class_labels[rows].numpy()
             start += len(x0)
             yield chunk
 
@@ -525,7 +525,7 @@ def sample_run(
     head = first[0]
     if label == "all" and is_image:
         png = viz.save_labelled_rows(
-            torch.cat(grid), names or [str(i) for i in range(run.model.num_classes)],
+            torch.cat(class_rows), names or [str(i) for i in range(run.model.num_classes)],
             out_dir / f"{stem}.png",
         )  # fmt: skip
     else:
