@@ -76,6 +76,14 @@ def test_sdedit_writes_its_results_and_the_noised_input(trained_run, inputs, tmp
     assert np.isfinite(arrays["x0"]).all()
 
 
+def test_the_seed_decides_the_draws(trained_run, inputs, tmp_path):
+    args = ["--image", inputs["a"], "--num", "1"]
+    default = _edit(trained_run, "sdedit", tmp_path / "a", *args)["x0"]
+    seed0 = _edit(trained_run, "sdedit", tmp_path / "b", *args, "--seed", 0)["x0"]
+    seed1 = _edit(trained_run, "sdedit", tmp_path / "c", *args, "--seed", 1)["x0"]
+    assert np.array_equal(default, seed0) and not np.array_equal(seed0, seed1)
+
+
 def test_invert_reports_the_error_of_its_own_reconstruction(trained_run, inputs, tmp_path):
     arrays = _edit(trained_run, "invert", tmp_path / "out", "--image", inputs["a"])
     image = _pixels(inputs["a"]).numpy()

@@ -267,13 +267,13 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     common = dict(class_label=args.class_label, guidance=args.guidance, out_dir=args.out,
                   device=args.device, progress=not args.quiet)  # fmt: skip
     if args.mode == "inpaint":
-        r = edit.inpaint_run(args.run, args.image[0], args.mask, num=args.num, steps=args.steps,
-                             jumps=args.jumps, resample=args.resample, seed=args.seed[0], **common)  # fmt: skip
+        r = edit.inpaint_run(args.run, args.image, args.mask, num=args.num, steps=args.steps,
+                             jumps=args.jumps, resample=args.resample, seed=args.seed, **common)  # fmt: skip
     elif args.mode == "sdedit":
-        r = edit.sdedit_run(args.run, args.image[0], strength=args.strength, num=args.num,
-                            sampler=args.sampler, steps=args.steps, seed=args.seed[0], **common)  # fmt: skip
+        r = edit.sdedit_run(args.run, args.image, strength=args.strength, num=args.num,
+                            sampler=args.sampler, steps=args.steps, seed=args.seed, **common)  # fmt: skip
     elif args.mode == "invert":
-        r = edit.invert_run(args.run, args.image[0], steps=args.steps, **common)
+        r = edit.invert_run(args.run, args.image, steps=args.steps, **common)
     else:
         r = edit.interpolate_run(args.run, images=args.image or (), seeds=args.seed or (),
                                  frames=args.frames, steps=args.steps, **common)  # fmt: skip
@@ -296,19 +296,19 @@ def _add_edit_command(sub) -> None:
     for mode, text in helps.items():
         m = modes.add_parser(mode, help=text, description=text)
         m.add_argument("run", metavar="RUN", help="run directory (any trained image run)")
-        required = mode != "interpolate"
-        m.add_argument("--image", action="append", required=required, metavar="PNG",
-                       help="input image of the run's size and channels" + ("" if required else
-                       " (twice)"))  # fmt: skip
+        two = mode == "interpolate"  # two --image, or two --seed
+        m.add_argument("--image", action="append" if two else "store", required=not two,
+                       metavar="PNG", help="input image of the run's size and channels"
+                       + (" (twice)" if two else ""))  # fmt: skip
         steps = {"inpaint": "250", "sdedit": "all T"}.get(mode, "100")
         m.add_argument("--steps", type=int, metavar="K", help=f"points of the chain ({steps})")
         if mode in ("inpaint", "sdedit"):
             m.add_argument("--num", type=int, default=4, help="results to draw (4)")
-        if mode != "invert":
-            seed_help = "two seeds of x_T instead of --image" if mode == "interpolate" else "seed"
-            m.add_argument("--seed", type=int, action="append",
-                           default=None if mode == "interpolate" else [0], metavar="S",
-                           help=seed_help)  # fmt: skip
+        if two:
+            m.add_argument("--seed", type=int, action="append", metavar="S",
+                           help="two seeds of x_T instead of two --image")  # fmt: skip
+        elif mode != "invert":
+            m.add_argument("--seed", type=int, default=0, metavar="S", help="seed (0)")
         if mode == "inpaint":
             m.add_argument("--mask", required=True, metavar="PNG",
                            help="same size as the image: white = fill in, black = keep")  # fmt: skip
