@@ -55,7 +55,7 @@ quality: $(STAMP)
 	$(PY) benchmarks/quality.py
 
 # The guide's figures and numbers (docs/guide.md: docs/guide/*.png and docs/guide/numbers.txt), a few
-# minutes on one core: 1.5 of them train a tiny U-Net on the digits through `ddpm train`.
+# minutes on one core, about 1.5 of them training a tiny U-Net on the digits (`ddpm train --steps 700`).
 figures: $(STAMP)
 	$(PY) scripts/figures.py
 

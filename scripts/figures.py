@@ -6,7 +6,8 @@
 
 Each ``section_*`` function computes its numbers with ddpm's own functions, prints them (they are also
 written to OUT/numbers.txt, which the guide quotes), and draws its figures into OUT. The full mode trains
-a tiny U-Net on the built-in 8x8 digits for --train-minutes (1.5) through the ``ddpm`` command line,
+a tiny U-Net on the built-in 8x8 digits for --train-steps (700: ~1.5 minutes on a quiet core; a step
+count, not minutes, so that a busy machine trains the same model) through the ``ddpm`` command line,
 unless --run names a run; the quick mode uses only the exact Gaussian-mixture denoiser.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import subprocess
@@ -29,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from ddpm import GaussianMixture, NoiseSchedule, q_sample, q_step, variational_bound  # noqa: E402
 from ddpm.diffusion import predict_x0_eps  # noqa: E402
@@ -45,6 +48,22 @@ COLORS = {
     "cosine": "tab:green",
     "sigmoid": "tab:red",
 }
+
+# What each mode writes into OUT (besides numbers.txt): the quick mode only the first tuple.
+ORACLE_FIGURES = (
+    "01_forward_kernel.png",
+    "02_variance_preserving.png",
+    "03_limiting_cases.png",
+    "03_limiting_strips.png",
+    "04_prior_term.png",
+    "05_schedules.png",
+    "05_forward_strips.png",
+    "06_posterior.png",
+    "07_bound_terms.png",
+    "08_reverse_oracle.png",
+    "09_bound_gap.png",
+)
+TRAINED_FIGURES = ("08_reverse_digits_ancestral.png", "08_reverse_digits_ddim.png")
 
 # The 2-D data of sections 7-9: a two-component mixture with full covariances (tests/test_likelihood.py's),
 # whose exact denoiser E[eps | x_t] (ddpm.oracle) stands in for a perfectly trained network.
@@ -741,6 +760,10 @@ def section_7(mode: Mode, out: Path, report: Report, nll_csv: Path | None) -> di
         )
         axes[2].grid(alpha=0.3, which="both")
         share = float(c["mean_bpd"][1:10].sum() / c["mean_bpd"][1:].sum())
+        summary = json.loads(nll_csv.with_suffix(".json").read_text())
+        total, proto = summary["bits_per_dim"], summary["protocol"]
+        report(f"  trained model, step {proto['checkpoint_step']}: bound {total['mean']:.3f} bits/dim "
+               f"(95% CI {total['ci95'][0]:.3f}-{total['ci95'][1]:.3f}) on {proto['num_images']} test digits, full chain")  # fmt: skip
         report(f"  trained model ({nll_csv.name}): L_0 {c['mean_bpd'][0]:.3f} bits/dim, sum of L_t-1 {c['mean_bpd'][1:].sum():.3f}, "
                f"share of it in t = 2..10: {share:.2f}")  # fmt: skip
     save(fig, out, "07_bound_terms.png", report)
@@ -883,6 +906,43 @@ def bound_gap(T: int, n: int, variance: str, seed: int = 0) -> tuple[float, floa
     return float(b.total_bpd.mean()), float(nll.mean()), float(gap.std() / math.sqrt(n))
 
 
+def reverse_variances(s: NoiseSchedule) -> dict[str, torch.Tensor]:
+    """The reverse variances sigma_t^2 [T] compared in section 9 (index 0: the decoder L_0's):
+    the library's fixed_small and fixed_large (both use beta~ at t = 2 for the decoder, as the released
+    code does), and fixed_large with the decoder's variance beta_1 instead."""
+    from ddpm.diffusion import fixed_large_variance
+
+    return {
+        "fixed_small": s.posterior_log_variance_clipped.exp(),
+        "fixed_large": fixed_large_variance(s),
+        "fixed_large, decoder beta_1": s.beta.clone(),
+    }
+
+
+def gaussian_bound_gap(
+    s: NoiseSchedule, m: float, v0: float, model_variance: torch.Tensor
+) -> float:
+    """E[bound] - entropy in bits/dim, in closed form, for data N(m, v0) in each dimension and the exact
+    denoiser with reverse variances sigma_t^2 = model_variance [T]. The exact x0_pred is E[x0 | x_t], so
+    with Var[x0 | x_t] = v0 (1 - ab) / (ab v0 + 1 - ab) and c0 = posterior_mean_coef_x0:
+      L_{t-1} = 0.5 (log(sigma^2 / beta~) + (beta~ + c0^2 Var[x0 | x_t]) / sigma^2 - 1),
+      L_0 = 0.5 (log(2 pi sigma_1^2) + Var[x0 | x_1] / sigma_1^2),  L_T = E[prior_kl]
+    (tests/test_likelihood.py derives the fixed_small case; tests/test_guide.py checks this one against
+    variational_bound)."""
+    ab, bt, c0 = s.alpha_bar, s.posterior_variance, s.posterior_mean_coef_x0
+    var_x0 = v0 * (1 - ab) / (ab * v0 + 1 - ab)
+    sig = model_variance
+    kl = 0.5 * (torch.log(sig[1:] / bt[1:]) + (bt[1:] + c0[1:] ** 2 * var_x0[1:]) / sig[1:] - 1)
+    decoder = 0.5 * (math.log(2 * math.pi) + torch.log(sig[0]) + var_x0[0] / sig[0])
+    abT = ab[-1]
+    prior = 0.5 * (-1 - torch.log(1 - abT) + (1 - abT) + abT * (m * m + v0))
+    entropy = 0.5 * math.log(2 * math.pi * math.e * v0)
+    return float((prior + decoder + kl.sum() - entropy) / LN2)
+
+
+GAUSSIAN_DATA = (0.5, 0.2)  # mean and variance per dimension of section 9's closed-form panel
+
+
 def section_9(mode: Mode, out: Path, report: Report) -> dict:
     report(
         f"## 9. Bound versus likelihood: exact denoiser, 2-D mixture, N = {mode.bound_n} points, linear schedule"
@@ -905,24 +965,55 @@ def section_9(mode: Mode, out: Path, report: Report) -> dict:
         report(
             f"  T = {T}: beta~_t / beta_t at t = 2, 3, 4: {', '.join(f'{float(v):.3f}' for v in r)}"
         )
-    fig = figure(6, 3.8)
-    ax = fig.add_subplot()
+    m, v0 = GAUSSIAN_DATA
+    closed_T = [*mode.bound_T, mode.bound_T[-1] * 4]
+    names = list(reverse_variances(NoiseSchedule.from_name("linear", 100)))
+    report(
+        f"Gaussian data N({m}, {v0}), closed form (gaussian_bound_gap): E[bound] - entropy in bits/dim"
+    )
+    report("| T | " + " | ".join(names) + " |")
+    report("|---|" + "---|" * len(names))
+    closed = {}
+    for T in closed_T:
+        s = NoiseSchedule.from_name("linear", T)
+        row = [gaussian_bound_gap(s, m, v0, v) for v in reverse_variances(s).values()]
+        closed[T] = dict(zip(names, row, strict=True))
+        report(f"| {T} | " + " | ".join(f"{g:.3f}" for g in row) + " |")
+
+    fig = figure(11, 3.9)
+    ax1, ax2 = fig.subplots(1, 2)
     for variance, c in (("fixed_small", "tab:blue"), ("fixed_large", "tab:orange")):
         Ts = np.array(mode.bound_T)
         g = np.array([gaps[variance, T][0] for T in Ts])
         e = np.array([gaps[variance, T][1] for T in Ts])
-        ax.errorbar(Ts, g, yerr=2 * e, marker="o", color=c, capsize=3,
-                    label=f"sigma^2 = {'beta~' if variance == 'fixed_small' else 'beta'} ({variance})")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("T")
-    ax.set_ylabel("bound - (-log p(x_0)) (bits/dim)")
-    ax.set_title("With the exact denoiser the bound stays above -log p(x_0);\n"
-                 "the gap shrinks with T, much faster for sigma^2 = beta_t", fontsize=9)  # fmt: skip
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+        ax1.errorbar(Ts, g, yerr=2 * e, marker="o", color=c, capsize=3,
+                     label=f"sigma^2 = {'beta~' if variance == 'fixed_small' else 'beta'} ({variance})")  # fmt: skip
+    ax1.set_title("2-D mixture, exact denoiser (Monte Carlo, +-2 se): the bound stays\n"
+                  "above -log p(x_0); the gap shrinks, then levels off", fontsize=9)  # fmt: skip
+    styles = {"fixed_small": ("tab:blue", "-"), "fixed_large": ("tab:orange", "-"),
+              "fixed_large, decoder beta_1": ("tab:green", "--")}  # fmt: skip
+    for name in names:
+        c, ls = styles[name]
+        ax2.plot(
+            closed_T,
+            [max(closed[T][name], 1e-4) for T in closed_T],
+            marker="o",
+            color=c,
+            ls=ls,
+            label=name,
+        )
+    ax2.set_title(f"Gaussian data N({m}, {v0}), closed form: the gap that stays comes from\n"
+                  "the first steps' variances; with sigma_1^2 = beta_1 it closes", fontsize=9)  # fmt: skip
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labels on the decades only
+        ax.set_yscale("log")
+        ax.set_xlabel("T (linear schedule)")
+        ax.set_ylabel("bound - (-log p(x_0)) (bits/dim)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
     save(fig, out, "09_bound_gap.png", report)
-    return {"gaps": gaps}
+    return {"gaps": gaps, "closed": closed}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -939,9 +1030,9 @@ def trained_run(args, report: Report) -> tuple[Path, Path]:
     run = Path(args.run) if args.run else Path(tempfile.mkdtemp(prefix="ddpm_guide_")) / "digits"
     if not args.run:
         report(
-            f"training: ddpm train --data digits --minutes {args.train_minutes} --seed 0 --run-dir {run}"
+            f"training: ddpm train --data digits --steps {args.train_steps} --seed 0 --run-dir {run}"
         )
-        ddpm_cli("train", "--data", "digits", "--minutes", str(args.train_minutes), "--seed", "0",
+        ddpm_cli("train", "--data", "digits", "--steps", str(args.train_steps), "--seed", "0",
                  "--no-tensorboard", "--sample-every", "0", "-q", "--run-dir", str(run))  # fmt: skip
     eval_dir = run / "guide_eval"
     report(f"bound: ddpm nll {run} --steps all --num {args.nll_num} --out {eval_dir}")
@@ -969,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
         "--run", default=None, help="a trained digits run to use in sections 7-8 (full mode)"
     )
     p.add_argument(
-        "--train-minutes", type=float, default=1.5, help="training time when no --run (1.5)"
+        "--train-steps", type=int, default=700, help="training steps when no --run (700)"
     )
     p.add_argument("--nll-num", type=int, default=100, help="test digits for ddpm nll (100)")
     args = p.parse_args(argv)
@@ -981,12 +1072,29 @@ def main(argv: list[str] | None = None) -> int:
         args.out = Path(__file__).resolve().parents[1] / "docs" / "guide"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = Report()
-    start = time.monotonic()
-    report(f"# scripts/figures.py, {mode.name} mode (T = {mode.T}, N = {mode.n})")
     run = nll_csv = None
     if mode is FULL:
+        report = Report()
         run, nll_csv = trained_run(args, report)
+        generate(mode, out, run, nll_csv, report)
+    else:
+        generate(mode, out)
+    return 0
+
+
+def generate(
+    mode: Mode,
+    out: Path,
+    run: Path | None = None,
+    nll_csv: Path | None = None,
+    report: Report | None = None,
+) -> tuple[dict, Report]:
+    """Every section into ``out``: its figures, and numbers.txt with every printed line. ``run`` and
+    ``nll_csv`` (a trained run and its `ddpm nll` per-t CSV) add the trained model's panels."""
+    report = Report() if report is None else report
+    start = time.monotonic()
+    report.lines.insert(0, f"# scripts/figures.py, {mode.name} mode (T = {mode.T}, N = {mode.n})")
+    print(report.lines[0], flush=True)
     results = {
         1: section_1(mode, out, report),
         2: section_2(mode, out, report),
@@ -1000,8 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report(f"# done in {time.monotonic() - start:.0f} s")
     report.save(out / "numbers.txt")
-    main.results = results  # for tests
-    return 0
+    return results, report
 
 
 if __name__ == "__main__":
