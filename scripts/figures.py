@@ -738,7 +738,7 @@ def section_7(mode: Mode, out: Path, report: Report, nll_csv: Path | None) -> di
     axes[1].set_xlabel("t")
     axes[1].set_ylabel("term of the bound (bits/dim)")
     axes[1].set_title(
-        f"Exact denoiser, 2-D mixture, linear T = {T}:\nthe bound's mass is in the first steps",
+        f"Exact denoiser, 2-D mixture, linear T = {T}:\nits terms fall by decades over t",
         fontsize=9,
     )
     axes[1].legend(fontsize=7)
@@ -989,7 +989,7 @@ def section_9(mode: Mode, out: Path, report: Report) -> dict:
         ax1.errorbar(Ts, g, yerr=2 * e, marker="o", color=c, capsize=3,
                      label=f"sigma^2 = {'beta~' if variance == 'fixed_small' else 'beta'} ({variance})")  # fmt: skip
     ax1.set_title("2-D mixture, exact denoiser (Monte Carlo, +-2 se): the bound stays\n"
-                  "above -log p(x_0); the gap shrinks, then levels off", fontsize=9)  # fmt: skip
+                  "above -log p(x_0); neither gap closes as T grows", fontsize=9)  # fmt: skip
     styles = {"fixed_small": ("tab:blue", "-"), "fixed_large": ("tab:orange", "-"),
               "fixed_large, decoder beta_1": ("tab:green", "--")}  # fmt: skip
     for name in names:

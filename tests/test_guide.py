@@ -77,10 +77,10 @@ def test_t_steps_of_the_chain_match_one_q_sample(quick):
 def test_shrinking_keeps_the_variance_at_one_and_not_shrinking_explodes_it(quick):
     rows = quick[0][2]["rows"]
     for var0, (vp, vp_exact, ve, ve_exact) in rows.items():
-        assert vp_exact == pytest.approx(1.0, abs=1e-3)
-        assert abs(vp - vp_exact) < 0.1
-        assert abs(ve - ve_exact) / ve_exact < 0.05
-        assert ve > 5 * vp  # the variance-exploding alternative, as claimed
+        assert vp_exact == pytest.approx(1.0, abs=1e-3), var0
+        assert abs(vp - vp_exact) < 0.1, var0
+        assert abs(ve - ve_exact) / ve_exact < 0.05, var0
+        assert ve > 5 * vp, var0  # the variance-exploding alternative, as claimed
 
 
 def test_x0_zero_gives_noise_of_variance_one_minus_alpha_bar(quick):
@@ -106,7 +106,12 @@ def test_closed_form_gap_on_gaussian_data_matches_the_measured_bound(fig, varian
     data = GaussianMixture([1.0], [[m, m]], [[[v0, 0.0], [0.0, v0]]])
     g = torch.Generator().manual_seed(0)
     b = variational_bound(
-        data.denoiser(s), s, data.sample(4000, g), decoder="gaussian", variance=variance, generator=g
+        data.denoiser(s),
+        s,
+        data.sample(4000, g),
+        decoder="gaussian",
+        variance=variance,
+        generator=g,
     )
     mean, se = bits_per_dim_summary(b.total_bpd)
     entropy_bpd = 0.5 * math.log(2 * math.pi * math.e * v0) / math.log(2)
