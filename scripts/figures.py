@@ -1035,10 +1035,10 @@ def trained_run(args, report: Report) -> tuple[Path, Path]:
         ddpm_cli("train", "--data", "digits", "--steps", str(args.train_steps), "--seed", "0",
                  "--no-tensorboard", "--sample-every", "0", "-q", "--run-dir", str(run))  # fmt: skip
     eval_dir = run / "guide_eval"
-    report(f"bound: ddpm nll {run} --steps all --num {args.nll_num} --out {eval_dir}")
-    ddpm_cli(
-        "nll", str(run), "--steps", "all", "--num", str(args.nll_num), "--out", str(eval_dir), "-q"
-    )
+    # --no-clip: the bound of Ho et al.'s eq. 5 as written (no clamping of the x_0 prediction)
+    report(f"bound: ddpm nll {run} --steps all --num {args.nll_num} --no-clip --out {eval_dir}")
+    ddpm_cli("nll", str(run), "--steps", "all", "--num", str(args.nll_num), "--no-clip",
+             "--out", str(eval_dir), "-q")  # fmt: skip
     csvs = sorted(eval_dir.glob("nll_*.csv"))
     return run, csvs[-1]
 
