@@ -416,6 +416,7 @@ def unipc_sample(
     order: int = 2,
     variant: str = "bh2",
     corrector: bool = True,
+    lower_order_final: bool = True,
     prediction: str = "eps",
     variance: str = "fixed_small",
     clip_x0: bool = False,
@@ -448,7 +449,7 @@ def unipc_sample(
             )
         x0_preds.append(x0_pred)
         del x0_preds[:-order]
-        k = min(order, len(x0_preds), i + 1)
+        k = min(order, len(x0_preds), i + 1 if lower_order_final else order)
         last[:] = [(x, k)]
         return unipc_step(schedule, i, x, x0_preds, order=k, variant=variant)
 
