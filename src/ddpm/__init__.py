@@ -36,7 +36,16 @@ from ddpm.errors import DDPMError
 from ddpm.likelihood import BoundTerms, variational_bound
 from ddpm.losses import decoder_nll, normal_kl, prior_kl, simple_loss, vlb_term
 from ddpm.oracle import GaussianMixture
-from ddpm.samplers import SAMPLERS, ancestral_sample, sample
+from ddpm.samplers import (
+    SAMPLERS,
+    ancestral_sample,
+    dpm_solver_step,
+    euler_step,
+    heun_step,
+    sample,
+    unipc_correct,
+    unipc_step,
+)
 from ddpm.schedules import BETA_SCHEDULES, NoiseSchedule, respace
 
 __version__ = "0.1.0"
@@ -71,8 +80,11 @@ __all__ = [
     "PMeanVariance",
     "ancestral_sample",
     "decoder_nll",
+    "dpm_solver_step",
     "eps_from_v",
     "eps_from_x0",
+    "euler_step",
+    "heun_step",
     "normal_kl",
     "p_mean_variance",
     "p_sample_step",
@@ -84,6 +96,8 @@ __all__ = [
     "sample",
     "simple_loss",
     "target_for",
+    "unipc_correct",
+    "unipc_step",
     "v_from_x0_eps",
     "variational_bound",
     "vlb_term",
