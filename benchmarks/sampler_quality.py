@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("run", help="a trained run directory (an image data set with a classifier)")
     parser.add_argument("--num", type=int, default=500, help="images per cell and seed")
     parser.add_argument("--seeds", type=int, default=1, help="x_T seeds per cell")
-    parser.add_argument("--budgets", default="5,10,20,50", help="network evaluations")
+    parser.add_argument("--budgets", default="5,10,20,50,100", help="network evaluations")
     parser.add_argument("--samplers", help="comma-separated labels (default: all)")
     parser.add_argument("--features", default="classifier", choices=["classifier", "inception"])
     parser.add_argument("--ref-num", type=int, help="reference images (default: the test split; "

@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--schedule", default="linear")
     parser.add_argument("--report", metavar="JSON", help="print the tables of an earlier run's JSON "
                         "again (and refresh its summary) instead of sampling")  # fmt: skip
+    parser.add_argument(
+        "--markdown", action="store_true", help="with --report: also the README table"
+    )
     parser.add_argument("--out", help="JSON path (default benchmarks/results/samplers.json; "
                         "--quick: not written unless given)")  # fmt: skip
     args = parser.parse_args()
@@ -118,6 +121,8 @@ def main() -> None:
         saved["summary"] = report(saved["mixtures"], num=saved["args"]["num"],
                                   seeds=saved["args"]["seeds"])  # fmt: skip
         _write_json(path, saved)
+        if args.markdown:
+            _print_markdown(saved["summary"])
         return
     num = args.num or (2000 if args.quick else 4000)
     seeds = args.seeds or (1 if args.quick else 3)
@@ -160,6 +165,15 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     _write_json(Path(out_path), out)
+
+
+def _print_markdown(summary: dict[str, list[dict]]) -> None:
+    """The README's table: per cell the worst mixture's SW / SW(1000-step chain) and SW / SW(ODE)."""
+    print("\n| sampler (grid) \\ network evaluations | " + " | ".join(map(str, BUDGETS)) + " |")
+    print("|---" * (len(BUDGETS) + 1) + "|")
+    for label, cells in summary.items():
+        print(f"| {label} | " + " | ".join(
+            f"{c['worst_ratio']:.2f} / {c['worst_ratio_to_ode']:.2f}" for c in cells) + " |")  # fmt: skip
 
 
 def _write_json(path: Path, data: dict) -> None:
