@@ -38,7 +38,7 @@ sys.path.insert(
 
 from ddpm.samplers import network_evaluations, sample, steps_for_evaluations  # noqa: E402
 from ddpm.schedules import NoiseSchedule  # noqa: E402
-from mixtures import exact_denoiser, family  # noqa: E402
+from mixtures import check_denoiser, exact_denoiser, family  # noqa: E402
 
 # (label, sampler, options, grid)
 SAMPLERS = [
@@ -187,6 +187,7 @@ def _write_json(path: Path, data: dict) -> None:
 def run_member(member, schedule, samplers, *, num: int, seeds: int, ref_size: int) -> dict:
     """Every cell of one mixture: the 1000-step reference, then each sampler at each budget."""
     mix, start = member.mixture, time.monotonic()
+    check_denoiser(mix, schedule)  # the fast denoiser is ddpm.oracle's formula, to 1e-9
     model = exact_denoiser(mix, schedule)
     sw = SlicedW(mix.sample(ref_size, torch.Generator().manual_seed(123)))
     entropy, entropy_se = mix.entropy_mc(200_000, torch.Generator().manual_seed(7))
