@@ -4,7 +4,7 @@ enough samples and seeds that the interval between seeds is smaller than the dif
 For each x_T seed, each cell draws ``--num`` images with one sampler (on the grid of the benchmark's
 table: ancestral/DDIM linspace, DPM-Solver++/UniPC log-SNR, Heun karras) from that seed, and computes
 FID and KID against the run's test split on the shipped domain classifier's features (or the FID
-Inception network with ``--features inception``). 1000-step ancestral sampling (the full chain) from
+Inception network with ``--features inception``). T-step ancestral sampling (the full chain, T = 1000 usually) from
 the same seeds is the reference row. For every cell: the mean over seeds and the 95% t-interval of
 that mean, and the same for the per-seed difference to the reference. ``train`` is the metric of
 ``--num`` real training images: what a perfect model would score under this protocol.
@@ -150,7 +150,7 @@ def main() -> None:
 
     print(
         f"\nFID on {args.features} features, mean +- 95% interval over {args.seeds} seeds; "
-        f"1000-step ancestral: {reference['fid']:.3f} +- {reference['fid_ci95']:.3f}"
+        f"{T}-step ancestral: {reference['fid']:.3f} +- {reference['fid_ci95']:.3f}"
     )
     print("sampler".ljust(18) + "".join(f"NFE {k}".rjust(20) for k in budgets))
     for label, *_ in samplers:
