@@ -4,8 +4,8 @@ enough samples and seeds that the interval between seeds is smaller than the dif
 For each x_T seed, each cell draws ``--num`` images with one sampler (on the grid of the benchmark's
 table: ancestral/DDIM linspace, DPM-Solver++/UniPC log-SNR, Heun karras) from that seed, and computes
 FID and KID against the run's test split on the shipped domain classifier's features (or the FID
-Inception network with ``--features inception``). T-step ancestral sampling (the full chain, T = 1000 usually) from
-the same seeds is the reference row. For every cell: the mean over seeds and the 95% t-interval of
+Inception network with ``--features inception``). Ancestral sampling on the full chain (T steps,
+usually 1000) from the same seeds is the reference row. For every cell: the mean over seeds and the 95% t-interval of
 that mean, and the same for the per-seed difference to the reference. ``train`` is the metric of
 ``--num`` real training images: what a perfect model would score under this protocol.
 
