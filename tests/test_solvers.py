@@ -159,8 +159,11 @@ def test_a_loop_of_dpm_solver_steps_is_the_sampler(order):
     assert torch.equal(x, dpm_solver_sample(gaussian_eps, r, X_T, order=order).x0)
 
 
-@pytest.mark.parametrize("order,variant", [(1, "bh2"), (2, "bh1"), (3, "bh2")])
-def test_a_loop_of_unipc_steps_is_the_sampler(order, variant):
+@pytest.mark.parametrize(
+    "order,variant,lower_order_final", [(1, "bh2", True), (2, "bh1", True), (3, "bh2", True),
+                                        (3, "bh1", False)]
+)  # fmt: skip
+def test_a_loop_of_unipc_steps_is_the_sampler(order, variant, lower_order_final):
     r = respace(FULL, timestep_grid(FULL, 9, "linspace"))
     x, preds, last = X_T, [], None
     for i in range(r.num_timesteps - 1, -1, -1):
@@ -168,10 +171,12 @@ def test_a_loop_of_unipc_steps_is_the_sampler(order, variant):
         if last is not None:
             x = unipc_correct(r, i + 1, last[0], preds, pred, order=last[1], variant=variant)
         preds = (preds + [pred])[-order:]
-        k = min(order, len(preds), i + 1)
+        k = min(order, len(preds), i + 1 if lower_order_final else order)
         last = (x, k)
         x = unipc_step(r, i, x, preds, order=k, variant=variant)
-    sampled = unipc_sample(gaussian_eps, r, X_T, order=order, variant=variant).x0
+    sampled = unipc_sample(
+        gaussian_eps, r, X_T, order=order, variant=variant, lower_order_final=lower_order_final
+    ).x0
     assert torch.equal(x, sampled)
 
 

@@ -427,9 +427,9 @@ def unipc_sample(
 ) -> SamplerOutput:
     """UniPC (Zhao et al. 2023): at every grid point the model's x0 prediction first corrects the point
     just predicted (``unipc_correct``, skipped at the first point or with ``corrector=False``), then
-    the predictor (``unipc_step``) moves on from the corrected point. Orders warm up from 1 and come
-    down at the end (order <= i + 1 at index i, as their code's ``lower_order_final``); the last update
-    returns the x0 prediction at index 0 (the final denoising step). Deterministic."""
+    the predictor (``unipc_step``) moves on from the corrected point. Orders warm up from 1 and, with
+    ``lower_order_final`` (their code's default), come down at the end: order <= i + 1 at index i.
+    The last update returns the x0 prediction at index 0 (the final denoising step). Deterministic."""
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
     if variant not in UNIPC_VARIANTS:
