@@ -215,6 +215,9 @@ def dpm_solver_step(
       (3) order 3 adds alpha_{i-1} (phi_2 first - phi_3 second), with the first and second divided
           differences of D and phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2.
     At i = 0 the next point is x_0 (sigma = 0) and the update is D_0 itself: the final denoising step.
+    Order 3 is kept exactly as published (and as in diffusers), but its second difference estimates
+    h^2 D''/2 where the phi_3 term needs h^2 D'': it converges at second order (tests/test_solvers.py);
+    ``unipc_step`` with order 3 is a third-order multistep update.
     """
     _check_step(schedule, i, x0_preds, order)
     d = x0_preds[-1]
