@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ddpm-installed
 
-.PHONY: setup test demo lint bench fid classifiers quality clean
+.PHONY: setup test demo lint bench fid classifiers quality figures clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ classifiers: $(STAMP)
 quality: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/quality.py
+
+# The guide's figures and numbers (docs/guide.md: docs/guide/*.png and docs/guide/numbers.txt), a few
+# minutes on one core, about 1.5 of them training a tiny U-Net on the digits (`ddpm train --steps 700`).
+figures: $(STAMP)
+	$(PY) scripts/figures.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,20 +1,26 @@
-"""Sample quality of a trained run against the number of network evaluations, for every sampler.
+"""Sample quality of a trained run against the number of network evaluations, for every sampler, with
+enough samples and seeds that the interval between seeds is smaller than the differences it reports.
 
-Each cell draws the same number of images from the same x_T seed with one sampler on its default grid
-(ancestral/DDIM: linspace, DPM-Solver++: log-SNR) and computes FID and KID on the shipped domain
-classifier's features against the run's test split (``ddpm.evaluate``). The 1000-step ancestral row is
-the reference the faster samplers are compared with. ``train`` is the same metric for real training
-images: what a perfect model would score under this protocol.
+For each x_T seed, each cell draws ``--num`` images with one sampler (on the grid of the benchmark's
+table: ancestral/DDIM linspace, DPM-Solver++/UniPC log-SNR, Heun karras) from that seed, and computes
+FID and KID against the run's test split on the shipped domain classifier's features (or the FID
+Inception network with ``--features inception``). Ancestral sampling on the full chain (T steps,
+usually 1000) from the same seeds is the reference row. For every cell: the mean over seeds and the 95% t-interval of
+that mean, and the same for the per-seed difference to the reference. ``train`` is the metric of
+``--num`` real training images: what a perfect model would score under this protocol.
 
-    python benchmarks/sampler_quality.py runs/digits [--num 500] [--out benchmarks/results/sampler_quality.json]
+    python benchmarks/sampler_quality.py runs/digits --num 500 --seeds 1      # minutes, one CPU core
+    python benchmarks/sampler_quality.py runs/mnist --num 2000 --seeds 3 --budgets 10,20,50 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -26,102 +32,145 @@ from ddpm.evaluate import (  # noqa: E402
     _load_split,
     classifier_extractor,
     image_metrics,
+    inception_extractor,
     reference_features,
 )
 from ddpm.runs import build_schedule, load_run_model  # noqa: E402
-from ddpm.samplers import sample  # noqa: E402
+from ddpm.samplers import network_evaluations, sample, steps_for_evaluations  # noqa: E402
 
+# (label, sampler, options, grid), as in benchmarks/samplers.py
 SAMPLERS = [
-    ("ancestral", "ancestral", {}),
-    ("ddim", "ddim", {"eta": 0.0}),
-    ("dpm_solver++ 2M", "dpm_solver", {"order": 2}),
-    ("dpm_solver++ 3M", "dpm_solver", {"order": 3}),
+    ("ancestral", "ancestral", {}, "linspace"),
+    ("ddim", "ddim", {"eta": 0.0}, "linspace"),
+    ("dpm_solver++ 2M", "dpm_solver", {"order": 2}, "logsnr"),
+    ("dpm_solver++ 3M", "dpm_solver", {"order": 3}, "logsnr"),
+    ("unipc-2", "unipc", {"order": 2}, "logsnr"),
+    ("unipc-3", "unipc", {"order": 3}, "logsnr"),
+    ("heun karras", "heun", {}, "karras"),
 ]
+# Two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n = 2..10 seeds).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval of the mean); the half-width is nan for one value."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, float("nan")
+    t = _T975.get(len(values) - 1, 1.96)
+    return m, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a trained run directory (an image data set with a classifier)")
-    parser.add_argument("--num", type=int, default=500, help="images per cell")
+    parser.add_argument("--num", type=int, default=500, help="images per cell and seed")
+    parser.add_argument("--seeds", type=int, default=1, help="x_T seeds per cell")
     parser.add_argument("--budgets", default="5,10,20,50,100", help="network evaluations")
+    parser.add_argument("--samplers", help="comma-separated labels (default: all)")
+    parser.add_argument("--features", default="classifier", choices=["classifier", "inception"])
+    parser.add_argument("--ref-num", type=int, help="reference images (default: the test split; "
+                        "inception: --num)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the network runs (noise: CPU)")
     parser.add_argument("--out", default="benchmarks/results/sampler_quality.json")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
+    samplers = SAMPLERS
+    if args.samplers:
+        samplers = [s for s in SAMPLERS if s[0] in args.samplers.split(",")]
 
     model, config, ckpt = load_run_model(args.run)
+    model = model.to(args.device)
     schedule = build_schedule(config.diffusion)
     T = schedule.num_timesteps
     shape = tuple(ckpt.meta["data"]["sample_shape"])
-    extractor = classifier_extractor(config.data.name, shape[-1])
+    if args.features == "classifier":
+        extractor = classifier_extractor(config.data.name, shape[-1])
+    else:
+        extractor = inception_extractor()
     test = _load_split(config, "test")
+    ref_num = args.ref_num or (len(test) if args.features == "classifier" else args.num)
     ref = reference_features(
         extractor,
         test,
         split="test",
         image_size=config.data.image_size,
         root=config.data.root,
-        num=len(test),
+        num=min(ref_num, len(test)),
         cache=None,
     )
     train = _load_split(config, "train")
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-    floor = image_metrics(train.x[idx[: args.num]], ref, extractor, seed=args.seed)
+    floor = []
+    for seed in range(args.seeds):
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        floor.append(image_metrics(train.x[idx[: args.num]], ref, extractor, seed=seed)["fid"])
     print(
-        f"run {args.run} (step {ckpt.step}, {config.data.name}, T={T}); {args.num} images per cell; "
-        f"reference: {len(test)} test images; real training images score FID {floor['fid']:.3f}, "
-        f"KID {floor['kid']:.4f}"
+        f"run {args.run} (step {ckpt.step}, {config.data.name}, T={T}); {args.num} images per cell "
+        f"x {args.seeds} seeds; {args.features} features; reference: {len(ref)} test images; real "
+        f"training images score FID {statistics.fmean(floor):.3f}"
     )
 
-    def cell(name, kind, options, steps):
-        gen = torch.Generator().manual_seed(args.seed)
-        start, out = time.monotonic(), []
-        for begin in range(0, args.num, args.batch_size):
-            n = min(args.batch_size, args.num - begin)
-            x = sample(
-                model,
-                schedule,
-                (n, *shape),
-                sampler=kind,
-                num_steps=steps,
-                generator=gen,
-                prediction=config.diffusion.prediction,
-                variance=config.diffusion.variance,
-                clip_x0=True,
-                **options,
-            ).x0
-            out.append(x.float())
-        seconds = time.monotonic() - start
-        m = image_metrics(torch.cat(out), ref, extractor, seed=args.seed)
-        row = {"sampler": name, "nfe": steps, "fid": m["fid"], "kid": m["kid"], "seconds": seconds}
-        print(
-            f"  {name:16s} NFE {steps:5d}: FID {m['fid']:8.3f}  KID {m['kid']:.4f}  ({seconds:.0f} s)"
-        )
+    def cell(label, name, options, grid, steps):
+        fids, kids, seconds = [], [], 0.0
+        for seed in range(args.seeds):
+            gen = torch.Generator().manual_seed(seed)
+            start, out = time.monotonic(), []
+            for begin in range(0, args.num, args.batch_size):
+                n = min(args.batch_size, args.num - begin)
+                x = sample(
+                    model, schedule, (n, *shape), sampler=name, num_steps=steps, grid=grid,
+                    generator=gen, device=args.device, prediction=config.diffusion.prediction,
+                    variance=config.diffusion.variance, clip_x0=True, **options,
+                ).x0  # fmt: skip
+                out.append(x.float().cpu())
+            seconds += time.monotonic() - start
+            m = image_metrics(torch.cat(out), ref, extractor, seed=seed)
+            fids.append(m["fid"])
+            kids.append(m["kid"])
+        fid, fid_ci = interval(fids)
+        row = {"sampler": label, "name": name, "options": options, "grid": grid, "steps": steps,
+               "nfe": network_evaluations(name, steps), "fid": fid, "fid_ci95": fid_ci,
+               "fid_per_seed": fids, "kid": statistics.fmean(kids), "kid_per_seed": kids,
+               "seconds": seconds}  # fmt: skip
+        print(f"  {label:18s} NFE {row['nfe']:5d}: FID {fid:8.3f} +- {fid_ci:.3f}  "
+              f"KID {row['kid']:.4f}  ({seconds:.0f} s)")  # fmt: skip
         return row
 
-    rows = [cell("ancestral", "ancestral", {}, T)]
-    for name, kind, options in SAMPLERS:
-        rows += [cell(name, kind, options, k) for k in budgets]
+    reference = cell("ancestral", "ancestral", {}, "linspace", T)
+    rows = []
+    for label, name, options, grid in samplers:
+        for k in budgets:
+            row = cell(label, name, options, grid, steps_for_evaluations(name, k))
+            diff, diff_ci = interval(
+                [a - b for a, b in zip(row["fid_per_seed"], reference["fid_per_seed"], strict=True)]
+            )
+            row |= {"budget": k, "fid_minus_reference": diff, "fid_minus_reference_ci95": diff_ci}
+            rows.append(row)
 
-    reference = rows[0]["fid"]
-    header = "sampler".ljust(18) + "".join(f"NFE {k}".rjust(16) for k in budgets)
-    print(f"\nFID on classifier features (KID); 1000-step ancestral: FID {reference:.3f}")
-    print(header)
-    for name, _, _ in SAMPLERS:
-        cells = [r for r in rows[1:] if r["sampler"] == name]
-        print(
-            name.ljust(18) + "".join(f"{r['fid']:8.3f} ({r['kid']:.3f})".rjust(16) for r in cells)
-        )
+    print(
+        f"\nFID on {args.features} features, mean +- 95% interval over {args.seeds} seeds; "
+        f"{T}-step ancestral: {reference['fid']:.3f} +- {reference['fid_ci95']:.3f}"
+    )
+    print("sampler".ljust(18) + "".join(f"NFE {k}".rjust(20) for k in budgets))
+    for label, *_ in samplers:
+        cells = [r for r in rows if r["sampler"] == label]
+        print(label.ljust(18) + "".join(f"{r['fid']:8.3f} +- {r['fid_ci95']:.3f}".rjust(20)
+                                        for r in cells))  # fmt: skip
     out = {
         "benchmark": "sampler_quality",
         "command": "python benchmarks/sampler_quality.py " + args.run,
         "args": vars(args),
         "checkpoint_step": ckpt.step,
         "data": config.data.name,
-        "train_images": {"fid": floor["fid"], "kid": floor["kid"]},
+        "train_images": {"fid_per_seed": floor},
+        "reference": reference,
         "rows": rows,
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+        },  # fmt: skip
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")

@@ -1,138 +1,300 @@
-"""Sampler accuracy against the number of network evaluations, with the exact denoiser (no training).
+"""Sampler accuracy against the number of network evaluations, on a family of exact Gaussian mixtures.
 
-Data: a 2-D Gaussian mixture with unequal weights and full covariances. The model is its exact
-E[eps | x_t] (ddpm.oracle), so every difference from the true distribution is the sampler's own error.
-For each sampler and budget of network evaluations (NFE) we draw N samples from the same x_T and report
-  - SW:   sliced Wasserstein-1 distance to a large independent sample of the true mixture, averaged
-          over several x_T seeds (lower is better; the floor is the same distance for N true points:
-          with N = 10^4 it is ~0.02, so differences below that are sampling noise);
-  - NLL:  -E log p_data(sample) in nats (the true entropy H is printed; a sampler that spreads too much
-          is above it, one that collapses towards the modes below).
+Data: the mixtures of benchmarks/mixtures.py -- tight separated modes (std 0.02), overlapping needles,
+full covariances in 8-D, 50 modes in 16-D and 64-D with anisotropy up to 50. The model is each
+mixture's exact E[eps | x_t], so every difference from the true distribution is the sampler's own
+error. For each mixture, sampler and budget of network evaluations (NFE; Heun's grid has (NFE + 1) / 2
+points) we draw N samples from each of several x_T seeds and report
+  - SW:     sliced Wasserstein-1 distance to a large independent sample of the mixture (256 fixed
+            projections), as a ratio to the same distance for 1000-step ancestral sampling from the
+            same seeds ("the 1000-step chain"); mean over seeds, with the standard error of the
+            per-seed ratios. The true-sample floor is the distance of N fresh true points. Also the
+            ratio to the converged ODE from the same x_T (UniPC-3, 250 evaluations): deterministic
+            samplers share its sampling noise, so this ratio shows their own discretisation error.
+  - NLL-H:  the samples' mean -log p_data minus the entropy H, in nats: > 0 when a sampler spreads
+            mass where the data has little (over-dispersion), < 0 when it collapses onto the modes.
+The summary takes, for each sampler and budget, the *worst* mixture: the hardest cases decide.
 
-    python benchmarks/samplers.py [--num 10000] [--seeds 3] [--out benchmarks/results/samplers.json]
+    python benchmarks/samplers.py --quick      # ~2 minutes on one core: 2000 samples, one seed
+    python benchmarks/samplers.py              # the full run: writes benchmarks/results/samplers.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ddpm.metrics import sliced_wasserstein
-from ddpm.oracle import GaussianMixture
-from ddpm.samplers import sample
-from ddpm.schedules import NoiseSchedule
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # benchmarks/mixtures.py, run from anywhere
 
-MIXTURE = GaussianMixture(
-    [0.2, 0.5, 0.3],
-    [[-2.0, 0.0], [1.5, 1.0], [0.5, -2.0]],
-    [[[0.3, 0.1], [0.1, 0.2]], [[0.15, 0.0], [0.0, 0.4]], [[0.05, 0.0], [0.0, 0.05]]],
-)
+from ddpm.samplers import network_evaluations, sample, steps_for_evaluations  # noqa: E402
+from ddpm.schedules import NoiseSchedule  # noqa: E402
+from mixtures import check_denoiser, exact_denoiser, family  # noqa: E402
+
+# (label, sampler, options, grid)
 SAMPLERS = [
-    ("ancestral", "ancestral", {}),
-    ("ddim", "ddim", {"eta": 0.0}),
-    ("dpm_solver++ 2M", "dpm_solver", {"order": 2}),
-    ("dpm_solver++ 3M", "dpm_solver", {"order": 3}),
+    ("ancestral", "ancestral", {}, "linspace"),
+    ("ddim", "ddim", {"eta": 0.0}, "linspace"),
+    ("dpm_solver++ 2M", "dpm_solver", {"order": 2}, "logsnr"),
+    ("dpm_solver++ 3M", "dpm_solver", {"order": 3}, "logsnr"),
+    ("dpm_solver++ 2M karras", "dpm_solver", {"order": 2}, "karras"),
+    ("unipc-1", "unipc", {"order": 1}, "logsnr"),
+    ("unipc-2", "unipc", {"order": 2}, "logsnr"),
+    ("unipc-3", "unipc", {"order": 3}, "logsnr"),
+    ("unipc-2 karras", "unipc", {"order": 2}, "karras"),
+    ("heun karras", "heun", {}, "karras"),
 ]
-BUDGETS = [5, 10, 20, 50, 100, 1000]
+# Not in the default list (a --quick run of 2026-11-30 had them no better than bh2 at 20-50 NFE and
+# worse at 5-10); select with --samplers.
+EXTRA_SAMPLERS = [
+    ("unipc-2 bh1", "unipc", {"order": 2, "variant": "bh1"}, "logsnr"),
+    ("unipc-3 bh1", "unipc", {"order": 3, "variant": "bh1"}, "logsnr"),
+    ("unipc-3 karras", "unipc", {"order": 3}, "karras"),
+    ("dpm_solver++ 3M karras", "dpm_solver", {"order": 3}, "karras"),
+]
+BUDGETS = [5, 10, 20, 50]
+REFERENCE_STEPS = 1000
+# The converged probability-flow ODE from the same x_T: UniPC-3 on 250 log-SNR points (on the exact
+# Gaussian test its error is ~1e-5 at 81 points). Deterministic samplers share its sampling noise, so
+# SW(cell) / SW(ODE) isolates their own discretisation error.
+ODE_REFERENCE = ("unipc", {"order": 3}, "logsnr", 250)
+
+
+class SlicedW:
+    """SW_1 to a fixed reference with fixed projections: ``ddpm.metrics.sliced_wasserstein`` (same
+    estimator, same directions for a seed) with the reference's sorted projections computed once."""
+
+    def __init__(self, reference: torch.Tensor, num_projections: int = 256, seed: int = 99) -> None:
+        g = torch.Generator().manual_seed(seed)
+        theta = torch.randn(reference.shape[1], num_projections, dtype=torch.float64, generator=g)
+        self.theta = theta / theta.norm(dim=0, keepdim=True)
+        self.sorted_ref = (reference.double() @ self.theta).sort(dim=0).values
+
+    def __call__(self, x: torch.Tensor) -> float:
+        px = (x.double().flatten(1) @ self.theta).sort(dim=0).values
+        py = self.sorted_ref
+        n = max(len(px), len(py))
+        levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        qx = px[(levels * len(px)).long().clamp(max=len(px) - 1)]
+        qy = py[(levels * len(py)).long().clamp(max=len(py) - 1)]
+        return float((qx - qy).abs().mean())
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num", type=int, default=10000, help="samples per cell and seed")
-    parser.add_argument(
-        "--seeds", type=int, default=3, help="independent x_T draws per cell (mean and SE reported)"
-    )
-    parser.add_argument(
-        "--ref", type=int, default=100_000, help="size of the true reference sample"
-    )
-    parser.add_argument("--grid", default="logsnr", help="timestep grid for < 1000 steps")
+    parser.add_argument("--quick", action="store_true", help="2000 samples, 1 seed, 20k reference")
+    parser.add_argument("--num", type=int, help="samples per cell and seed (default 4000)")
+    parser.add_argument("--seeds", type=int, help="x_T seeds per cell (default 3)")
+    parser.add_argument("--ref", type=int, help="true reference sample size (default 50000)")
+    parser.add_argument("--mixtures", help="comma-separated member names (default: all)")
+    parser.add_argument("--samplers", help="comma-separated labels (default: all)")
     parser.add_argument("--schedule", default="linear")
-    parser.add_argument("--out", default="benchmarks/results/samplers.json")
+    parser.add_argument("--report", metavar="JSON", help="print the tables of an earlier run's JSON "
+                        "again (and refresh its summary) instead of sampling")  # fmt: skip
+    parser.add_argument(
+        "--markdown", action="store_true", help="with --report: also the README table"
+    )
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/samplers.json; "
+                        "--quick: not written unless given)")  # fmt: skip
     args = parser.parse_args()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation
+    if args.report:
+        path = Path(args.report)
+        saved = json.loads(path.read_text())
+        for result in saved["mixtures"]:
+            _print_member(result)
+        saved["summary"] = report(saved["mixtures"], num=saved["args"]["num"],
+                                  seeds=saved["args"]["seeds"])  # fmt: skip
+        _write_json(path, saved)
+        if args.markdown:
+            _print_markdown(saved["summary"])
+        return
+    num = args.num or (2000 if args.quick else 4000)
+    seeds = args.seeds or (1 if args.quick else 3)
+    ref_size = args.ref or (20_000 if args.quick else 50_000)
+    out_path = args.out or (None if args.quick else "benchmarks/results/samplers.json")
+    torch.set_num_threads(1)  # small tensors: a second thread only adds synchronisation
 
+    members = family()
+    if args.mixtures:
+        wanted = args.mixtures.split(",")
+        members = [m for m in members if m.name in wanted]
+    samplers = SAMPLERS
+    if args.samplers:
+        wanted = args.samplers.split(",")
+        samplers = [s for s in SAMPLERS + EXTRA_SAMPLERS if s[0] in wanted]
     schedule = NoiseSchedule.from_name(args.schedule, 1000)
-    model = MIXTURE.denoiser(schedule)
-    # A large reference: the distance of an N-point sample to it is then dominated by the sample itself.
-    reference = MIXTURE.sample(args.ref, torch.Generator().manual_seed(123))
-    entropy, _ = MIXTURE.entropy_mc(400_000, torch.Generator().manual_seed(7))
-    sw_gen = lambda: torch.Generator().manual_seed(99)  # noqa: E731  same projections for every cell
-    floors = [
-        sliced_wasserstein(
-            MIXTURE.sample(args.num, torch.Generator().manual_seed(1000 + r)),
-            reference,
-            generator=sw_gen(),
-        )
-        for r in range(args.seeds)
-    ]
-    floor = sum(floors) / len(floors)
-    print(
-        f"true mixture: entropy H = {entropy:.4f} nats; SW of {args.num} true points to the "
-        f"{args.ref}-point reference: {floor:.4f} (mean of {args.seeds}; the floor)"
-    )
+    start_all = time.monotonic()
+    results = []
+    for member in members:
+        result = run_member(member, schedule, samplers, num=num, seeds=seeds, ref_size=ref_size)
+        results.append(result)
+        _print_member(result)
+    print()
 
+    summary = report(results, num=num, seeds=seeds)
+    print(f"total {time.monotonic() - start_all:.0f} s")
+
+    if out_path is None:
+        return
+    out = {
+        "benchmark": "samplers",
+        "command": "python benchmarks/samplers.py" + (" --quick" if args.quick else ""),
+        "args": vars(args) | {"num": num, "seeds": seeds, "ref": ref_size},
+        "budgets": BUDGETS,
+        "mixtures": results,
+        "summary": summary,
+        "seconds": time.monotonic() - start_all,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
+        "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+    _write_json(Path(out_path), out)
+
+
+def _print_markdown(summary: dict[str, list[dict]]) -> None:
+    """The README's table: per cell the worst mixture's SW / SW(1000-step chain) and SW / SW(ODE)."""
+    print("\n| sampler (grid) \\ network evaluations | " + " | ".join(map(str, BUDGETS)) + " |")
+    print("|---" * (len(BUDGETS) + 1) + "|")
+    for label, cells in summary.items():
+        print(f"| {label} | " + " | ".join(
+            f"{c['worst_ratio']:.2f} / {c['worst_ratio_to_ode']:.2f}" for c in cells) + " |")  # fmt: skip
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def run_member(member, schedule, samplers, *, num: int, seeds: int, ref_size: int) -> dict:
+    """Every cell of one mixture: the 1000-step reference, then each sampler at each budget."""
+    mix, start = member.mixture, time.monotonic()
+    check_denoiser(mix, schedule)  # the fast denoiser is ddpm.oracle's formula, to 1e-9
+    model = exact_denoiser(mix, schedule)
+    sw = SlicedW(mix.sample(ref_size, torch.Generator().manual_seed(123)))
+    entropy, entropy_se = mix.entropy_mc(200_000, torch.Generator().manual_seed(7))
+    floor = [sw(mix.sample(num, torch.Generator().manual_seed(1000 + r))) for r in range(seeds)]
+
+    def cell(name, options, grid, steps):
+        sws, nlls = [], []
+        for r in range(seeds):
+            x = sample(
+                model, schedule, (num, mix.dim), sampler=name, num_steps=steps, grid=grid,
+                generator=torch.Generator().manual_seed(r), dtype=torch.float64, **options,
+            ).x0  # fmt: skip
+            sws.append(sw(x))
+            nlls.append(float(-mix.log_prob(x).mean()) - entropy)
+        return sws, nlls
+
+    ref_sws, ref_nlls = cell("ancestral", {}, "linspace", REFERENCE_STEPS)
+    ode_sws, ode_nlls = cell(*ODE_REFERENCE)
     rows = []
-    header = f"{'sampler':<18}" + "".join(f"{'NFE ' + str(k):>16}" for k in BUDGETS)
+    for label, name, options, grid in samplers:
+        for nfe in BUDGETS:
+            steps = steps_for_evaluations(name, nfe)
+            sws, nlls = cell(name, options, grid, steps)
+            ratio, ratio_se = _mean_se([a / b for a, b in zip(sws, ref_sws, strict=True)])
+            ode_ratio, ode_ratio_se = _mean_se([a / b for a, b in zip(sws, ode_sws, strict=True)])
+            rows.append(
+                {"sampler": label, "name": name, "options": options, "grid": grid,
+                 "nfe": network_evaluations(name, steps), "budget": nfe, "steps": steps,
+                 "sw": _mean_se(sws)[0], "sw_per_seed": sws, "sw_ratio": ratio,
+                 "sw_ratio_se": ratio_se, "sw_ratio_to_ode": ode_ratio,
+                 "sw_ratio_to_ode_se": ode_ratio_se, "nll_minus_h": _mean_se(nlls)[0]}
+            )  # fmt: skip
+    return {
+        "mixture": member.name, "what": member.what, "dim": mix.dim,
+        "components": mix.num_components, "entropy_nats": entropy, "entropy_se": entropy_se,
+        "floor_sw": _mean_se(floor)[0], "floor_sw_per_seed": floor,
+        "reference_sw": _mean_se(ref_sws)[0], "reference_sw_per_seed": ref_sws,
+        "reference_nll_minus_h": _mean_se(ref_nlls)[0],
+        "ode_sw": _mean_se(ode_sws)[0], "ode_sw_per_seed": ode_sws,
+        "ode_nll_minus_h": _mean_se(ode_nlls)[0], "rows": rows,
+        "seconds": time.monotonic() - start,
+    }  # fmt: skip
+
+
+def _print_member(r: dict) -> None:
     print(
-        f"\nSW to the true distribution (NLL in nats), grid={args.grid}, schedule={args.schedule}"
+        f"\n{r['mixture']}: {r['what']}; H = {r['entropy_nats']:.3f} nats; SW floor (true points) "
+        f"{r['floor_sw']:.4f}; 1000-step ancestral SW {r['reference_sw']:.4f}, NLL-H "
+        f"{r['reference_nll_minus_h']:+.3f}; converged ODE SW {r['ode_sw']:.4f}, NLL-H "
+        f"{r['ode_nll_minus_h']:+.3f} ({r['seconds']:.0f} s)"
     )
-    print(header)
-    for label, name, options in SAMPLERS:
+    print("SW / SW(1000-step ancestral) | SW / SW(converged ODE), (NLL - H in nats)")
+    print(f"{'sampler':<24}" + "".join(f"{'NFE ' + str(k):>22}" for k in BUDGETS))
+    labels = list(dict.fromkeys(row["sampler"] for row in r["rows"]))
+    for label in labels:
+        cells = [row for row in r["rows"] if row["sampler"] == label]
+        print(f"{label:<24}" + "".join(
+            f"{c['sw_ratio']:.2f}|{c['sw_ratio_to_ode']:.2f} ({c['nll_minus_h']:+.2f})".rjust(22)
+            for c in cells))  # fmt: skip
+
+
+def report(results: list[dict], *, num: int, seeds: int) -> dict[str, list[dict]]:
+    """Print and return, per sampler and budget, the worst mixture of the family for three measures:
+    SW / SW(1000-step ancestral), SW / SW(converged ODE), and NLL - H (largest in size)."""
+    labels = list(dict.fromkeys(row["sampler"] for row in results[0]["rows"]))
+    summary = {}
+    for label in labels:
         cells = []
         for k in BUDGETS:
-            sws, nlls, start = [], [], time.perf_counter()
-            for r in range(args.seeds):
-                x = sample(
-                    model, schedule, (args.num, 2), sampler=name, num_steps=k, grid=args.grid,
-                    generator=torch.Generator().manual_seed(r), dtype=torch.float64, **options,
-                ).x0  # fmt: skip
-                sws.append(sliced_wasserstein(x, reference, generator=sw_gen()))
-                nlls.append(float(-MIXTURE.log_prob(x).mean()))
-            seconds = (time.perf_counter() - start) / args.seeds
-            sw, nll = sum(sws) / len(sws), sum(nlls) / len(nlls)
-            se = (sum((v - sw) ** 2 for v in sws) / max(len(sws) - 1, 1) / len(sws)) ** 0.5
-            rows.append(
-                {"sampler": label, "nfe": k, "sw": sw, "sw_se": se, "sw_per_seed": sws,
-                 "nll": nll, "seconds": seconds}
+            rows = [
+                (
+                    r["mixture"],
+                    next(x for x in r["rows"] if x["sampler"] == label and x["budget"] == k),
+                )
+                for r in results
+            ]
+            chain = max(rows, key=lambda mr: mr[1]["sw_ratio"])
+            ode = max(rows, key=lambda mr: mr[1]["sw_ratio_to_ode"])
+            nll = max(rows, key=lambda mr: abs(mr[1]["nll_minus_h"]))
+            cells.append(
+                {"budget": k, "nfe": chain[1]["nfe"],
+                 "worst_ratio": chain[1]["sw_ratio"], "worst_ratio_se": chain[1]["sw_ratio_se"],
+                 "worst_mixture": chain[0],
+                 "worst_ratio_to_ode": ode[1]["sw_ratio_to_ode"],
+                 "worst_ratio_to_ode_se": ode[1]["sw_ratio_to_ode_se"], "worst_ode_mixture": ode[0],
+                 "worst_nll_minus_h": nll[1]["nll_minus_h"], "worst_nll_mixture": nll[0]}
             )  # fmt: skip
-            cells.append(f"{sw:.4f} ({nll:.3f})")
-        print(f"{label:<18}" + "".join(f"{c:>16}" for c in cells))
-
-    best = {r["sampler"]: r for r in rows if r["nfe"] == 1000}["ancestral"]
-    print(f"\nreference: 1000-step ancestral SW {best['sw']:.4f}; true-vs-true floor {floor:.4f}")
-    for r in rows:
-        if r["nfe"] == 20 and r["sampler"].startswith("dpm"):
-            print(
-                f"{r['sampler']} at 20 NFE: SW ratio to 1000-step ancestral = {r['sw'] / best['sw']:.3f}"
-            )
-
-    result = {
-        "benchmark": "samplers",
-        "command": "python benchmarks/samplers.py",
-        "args": vars(args),
-        "entropy_nats": entropy,
-        "sw_floor": floor,
-        "sw_floor_per_seed": floors,
-        "rows": rows,
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-        },
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
-    print(f"\nwrote {out}")
+        summary[label] = cells
+    print(f"worst mixture of {len(results)} per cell; {num} samples x {seeds} seeds")
+    for title, key, where, fmt in [
+        ("SW / SW(1000-step ancestral)", "worst_ratio", "worst_mixture", "{:.2f}"),
+        ("SW / SW(converged ODE, same x_T)", "worst_ratio_to_ode", "worst_ode_mixture", "{:.2f}"),
+        ("NLL - H in nats, largest in size", "worst_nll_minus_h", "worst_nll_mixture", "{:+.2f}"),
+    ]:
+        print(f"\n{title}")
+        print(f"{'sampler':<24}" + "".join(f"{'NFE ' + str(k):>24}" for k in BUDGETS))
+        for label, cells in summary.items():
+            print(f"{label:<24}" + "".join(
+                f"{fmt.format(c[key])} ({c[where]})".rjust(24) for c in cells))  # fmt: skip
+    print()
+    for i, k in enumerate(BUDGETS):
+        best = min(summary, key=lambda s: summary[s][i]["worst_ratio"])
+        best_ode = min(summary, key=lambda s: summary[s][i]["worst_ratio_to_ode"])
+        print(f"best at {k} NFE on the worst mixture: {best} ({summary[best][i]['worst_ratio']:.2f} "
+              f"of the 1000-step chain); to the converged ODE: {best_ode} "
+              f"({summary[best_ode][i]['worst_ratio_to_ode']:.2f})")  # fmt: skip
+    return summary
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ schedule = NoiseSchedule.from_name("cosine", 1000)
 model = data.denoiser(schedule)  # exact E[eps | x_t]: behaves like a perfectly trained network
 truth = data.sample(4000, torch.Generator().manual_seed(1))
 
-for sampler, steps in [("ancestral", 1000), ("ddim", 50), ("dpm_solver", 20)]:
+for sampler, steps in [("ancestral", 1000), ("ddim", 50), ("dpm_solver", 20), ("unipc", 20)]:
     x = sample(model, schedule, (4000, 2), sampler=sampler, num_steps=steps, grid="logsnr",
                generator=torch.Generator().manual_seed(0), dtype=torch.float64).x0  # fmt: skip
     print(

@@ -195,7 +195,7 @@ def test_sample_with_a_chosen_sampler_and_grid(trained_run, tmp_path, capsys, fl
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--sampler", "heun"], "unknown sampler 'heun'"),
+        (["--sampler", "euler"], "unknown sampler 'euler'"),
         (["--order", "4", "--sampler", "dpm_solver"], "order must be 1, 2 or 3"),
         (["--grid", "cubic", "--steps", "3"], "unknown grid 'cubic'"),
     ],

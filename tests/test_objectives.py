@@ -286,7 +286,9 @@ def test_dynamic_thresholding_rescales_each_image_by_its_own_percentile():
 def test_sampler_options_go_only_to_the_sampler_that_takes_them():
     assert SampleConfig(sampler="ddim", eta=0.5).sampler_options() == {"eta": 0.5}
     assert SampleConfig(sampler="dpm_solver", order=3).sampler_options() == {"order": 3}
+    assert SampleConfig(sampler="unipc", order=1).sampler_options() == {"order": 1}
     assert SampleConfig(sampler="ancestral").sampler_options() == {}
+    assert SampleConfig(sampler="heun", order=3, eta=0.5).sampler_options() == {}
 
 
 @pytest.mark.parametrize(

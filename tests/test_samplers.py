@@ -158,6 +158,7 @@ def test_higher_order_dpm_solver_converges_to_the_full_chain_result(order):
         ("trailing", 49, 999),
         ("quadratic", 0, 999),
         ("logsnr", 0, 999),
+        ("karras", 0, 999),
     ],
 )
 def test_every_grid_has_distinct_ascending_steps_between_its_defined_ends(grid, first, last):
@@ -169,7 +170,7 @@ def test_every_grid_has_distinct_ascending_steps_between_its_defined_ends(grid, 
 
 def test_grid_with_as_many_steps_as_the_chain_is_the_chain():
     s = NoiseSchedule.from_name("linear", 100)
-    for grid in ("linspace", "quadratic", "logsnr", "trailing", "leading"):
+    for grid in ("linspace", "quadratic", "logsnr", "trailing", "leading", "karras"):
         assert torch.equal(timestep_grid(s, 100, grid), torch.arange(100)), grid
 
 
@@ -182,3 +183,29 @@ def test_grid_with_a_bad_step_count_is_refused(steps):
 def test_unknown_grid_is_refused():
     with pytest.raises(ValueError, match="trailing"):
         timestep_grid(NoiseSchedule.from_name("linear", 1000), 10, "cubic")
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "unipc"])
+def test_a_cpu_generator_gives_the_same_samples_on_every_device(device, sampler):
+    # x_T and every reverse-step z are drawn on the generator's device, then moved to the data's.
+    s = NoiseSchedule.from_name("linear", 50)
+    model = lambda x, t: 0.5 * x  # noqa: E731  device-agnostic stand-in for a network
+    options = {"eta": 1.0} if sampler == "ddim" else {}
+    cpu = sample(model, s, (16, 2), sampler=sampler, num_steps=10,
+                 generator=torch.Generator().manual_seed(3), dtype=torch.float64, **options).x0  # fmt: skip
+    out = sample(model, s, (16, 2), sampler=sampler, num_steps=10, device=device,
+                 generator=torch.Generator().manual_seed(3), dtype=torch.float64, **options).x0  # fmt: skip
+    assert out.device.type == device
+    assert torch.allclose(out.cpu(), cpu, rtol=1e-12, atol=1e-12)
+
+
+def test_the_first_noise_draw_is_x_T_from_the_generator():
+    s = NoiseSchedule.from_name("linear", 50)
+    seen = []
+    sample(lambda x, t: seen.append(x.clone()) or torch.zeros_like(x), s, (4, 3),
+           sampler="ddim", generator=torch.Generator().manual_seed(8))  # fmt: skip
+    assert torch.equal(seen[0], torch.randn(4, 3, generator=torch.Generator().manual_seed(8)))

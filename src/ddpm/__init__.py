@@ -38,7 +38,16 @@ from ddpm.guidance import classifier_free_guidance
 from ddpm.likelihood import BoundTerms, variational_bound
 from ddpm.losses import decoder_nll, normal_kl, prior_kl, simple_loss, vlb_term
 from ddpm.oracle import GaussianMixture
-from ddpm.samplers import SAMPLERS, ancestral_sample, sample
+from ddpm.samplers import (
+    SAMPLERS,
+    ancestral_sample,
+    dpm_solver_step,
+    euler_step,
+    heun_step,
+    sample,
+    unipc_correct,
+    unipc_step,
+)
 from ddpm.schedules import BETA_SCHEDULES, NoiseSchedule, respace
 
 __version__ = "0.1.0"
@@ -82,8 +91,11 @@ __all__ = [
     "ddim_invert",
     "ddim_reconstruct",
     "decoder_nll",
+    "dpm_solver_step",
     "eps_from_v",
     "eps_from_x0",
+    "euler_step",
+    "heun_step",
     "inpaint",
     "interpolate",
     "normal_kl",
@@ -99,6 +111,8 @@ __all__ = [
     "simple_loss",
     "slerp",
     "target_for",
+    "unipc_correct",
+    "unipc_step",
     "v_from_x0_eps",
     "variational_bound",
     "vlb_term",

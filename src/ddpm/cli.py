@@ -363,7 +363,9 @@ def _device_option(p: argparse.ArgumentParser) -> None:
 def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     """Options that override the run's [sample] section (default: the run's value)."""
     p.add_argument("--eta", type=float, metavar="E", help="DDIM noise: 0 (default) .. 1")
-    p.add_argument("--order", type=int, metavar="K", help="DPM-Solver++ order: 1, 2 (default), 3")
+    p.add_argument(
+        "--order", type=int, metavar="K", help="DPM-Solver++ / UniPC order: 1, 2 (default), 3"
+    )
     p.add_argument(
         "--no-clip", action="store_true", help="do not clamp the x_0 prediction to [-1, 1]"
     )
@@ -595,12 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, metavar="K", help="respaced chain of K steps (default: all T)"
     )
     p.add_argument(
-        "--sampler", metavar="NAME", help="ancestral (default), ddim, dpm_solver (DPM-Solver++)"
+        "--sampler",
+        metavar="NAME",
+        help="ancestral (default), ddim, dpm_solver (DPM-Solver++), unipc, heun (EDM)",
     )
     p.add_argument(
         "--grid",
         metavar="NAME",
-        help="timestep grid for --steps: linspace, leading, trailing, quadratic, logsnr "
+        help="timestep grid for --steps: linspace, leading, trailing, quadratic, logsnr, karras "
         "(default: linspace; logsnr for dpm_solver)",
     )
     _sampler_arguments(p)
@@ -658,7 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="sample quality: FID/KID/precision/recall/IS, or 2-D distances")
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--num", type=int, default=1000, metavar="N", help="number of samples (1000)")
-    p.add_argument("--sampler", default="dpm_solver", help="ancestral, ddim, dpm_solver (default)")
+    p.add_argument(
+        "--sampler", default="dpm_solver", help="ancestral, ddim, dpm_solver (default), unipc, heun"
+    )
     p.add_argument("--steps", default="50", metavar="K|all", help="sampling steps (50)")
     p.add_argument(
         "--grid", help="timestep grid (default: the sampler's; logsnr, trailing, linspace, ...)"

@@ -15,6 +15,7 @@ resolved config is what a run directory's ``config.json`` holds.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -288,12 +289,10 @@ class SampleConfig:
             raise ConfigError(f"guidance must be a finite number, got {self.guidance!r}")
 
     def sampler_options(self) -> dict[str, Any]:
-        """The options only the chosen sampler takes (eta for DDIM, order for DPM-Solver++)."""
-        if self.sampler == "ddim":
-            return {"eta": self.eta}
-        if self.sampler == "dpm_solver":
-            return {"order": self.order}
-        return {}
+        """The options of this section that the chosen sampler takes, read from its signature (eta
+        for DDIM, order for DPM-Solver++ and UniPC): a new sampler needs no line here."""
+        params = inspect.signature(SAMPLERS[self.sampler]).parameters
+        return {name: getattr(self, name) for name in ("eta", "order") if name in params}
 
 
 @dataclass(frozen=True)

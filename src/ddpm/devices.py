@@ -133,10 +133,3 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu ({cpu_name()})"
     return str(device)
-
-
-def set_seed_on(device: torch.device, seed: int) -> None:
-    """Seed the global generators that the network's dropout uses on ``device`` (the CPU's is seeded
-    by the caller: it also initialises the weights)."""
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)

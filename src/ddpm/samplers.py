@@ -9,6 +9,21 @@ which case the previous step of every update is the previous point *of the grid*
 ``model(x_t, t) -> output`` is any callable (a network in eval mode, the exact oracle, ...) and is always
 called with the *original* timesteps ``schedule.timesteps[i]``; the updates themselves use only the
 schedule's coefficients. Sampling runs under ``torch.no_grad``.
+
+Every solver's update is also a public *step function* that never calls the model (like diffusers'
+``step()``): it takes the schedule, the grid index ``i`` it steps from, x at that point and the x_0
+predictions the caller got from the model, and returns x at index i - 1 (at i = 0: the sample x_0).
+``dpm_solver_step``, ``unipc_step`` / ``unipc_correct``, ``euler_step`` / ``heun_step``. Multistep
+solvers take ``x0_preds``, the predictions at the latest grid points i, i + 1, ... *newest last*.
+
+Notation of the ODE solvers, translated into our names: their alpha_t is sqrt(alpha_bar) ("alpha" below),
+sigma_t = sqrt(1 - alpha_bar) ("sigma"), lambda = log(alpha / sigma) = log_snr / 2, and EDM's sigma is
+sigma / alpha = exp(-lambda). The point after index 0 is x_0 itself: alpha = 1, sigma = 0, lambda = inf.
+A sampler on a K-point grid makes K network evaluations, except ``heun`` (2K - 1; see
+``network_evaluations``).
+
+Noise (x_T and every reverse-step z) is drawn on the *generator's* device and moved to the data's, so a
+CPU generator gives the same numbers whether the model runs on a CPU or a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.diffusion import p_mean_variance, p_sample_step
+from ddpm.diffusion import PMeanVariance, p_mean_variance, p_sample_step
 from ddpm.schedules import NoiseSchedule, respace
 
 Tensor = torch.Tensor
@@ -61,6 +76,44 @@ def _loop(
     return SamplerOutput(x, trajectory)
 
 
+def _randn(
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """N(0, I) of the given shape on ``device``, drawn on the generator's device (a CPU generator cannot
+    draw on a GPU, and drawing on the CPU makes a seed give the same numbers on every device)."""
+    where = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype).to(device)
+
+
+def _denoiser(
+    model: Model,
+    schedule: NoiseSchedule,
+    prediction: str,
+    variance: str,
+    clip_x0: bool,
+    dynamic_threshold: float | None,
+) -> Callable[[Tensor, Tensor, Tensor], PMeanVariance]:
+    """(x, t, t_model) -> p_mean_variance of the model's output at x: the one place a sampler calls it."""
+
+    def denoise(x: Tensor, t: Tensor, t_model: Tensor) -> PMeanVariance:
+        out = model(x, t_model).to(x.dtype)
+        return p_mean_variance(
+            schedule,
+            x,
+            t,
+            out,
+            prediction=prediction,
+            variance=variance,
+            clip_x0=clip_x0,
+            dynamic_threshold=dynamic_threshold,
+        )
+
+    return denoise
+
+
 @torch.no_grad()
 def ancestral_sample(
     model: Model,
@@ -78,21 +131,11 @@ def ancestral_sample(
     """Algorithm 2 of Ho et al.: for i = T-1 .. 0, x_{i-1} = mu_theta(x_i, i) + sigma_i z, z ~ N(0, I)
     (no noise at i = 0). On a respaced schedule this is Improved DDPM's strided ancestral sampler, whose
     variances come from the respaced betas."""
+    denoise = _denoiser(model, schedule, prediction, variance, clip_x0, dynamic_threshold)
 
     def update(i, t, t_model, x):
-        out = model(x, t_model).to(x.dtype)
-        pmv = p_mean_variance(
-            schedule,
-            x,
-            t,
-            out,
-            prediction=prediction,
-            variance=variance,
-            clip_x0=clip_x0,
-            dynamic_threshold=dynamic_threshold,
-        )
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return p_sample_step(pmv, t, z)
+        pmv = denoise(x, t, t_model)
+        return p_sample_step(pmv, t, _randn(x.shape, generator, x.device, x.dtype))
 
     return _loop(schedule, x_T, record, progress, update)
 
@@ -118,19 +161,10 @@ def ddim_sample(
     (eq. 16). eta = 0 is deterministic; eta = 1 is the ancestral sampler with sigma^2 = beta~.
     ``variance`` is accepted for the shared signature; a learned variance's channels are dropped."""
     ab, ab_prev = schedule.alpha_bar, schedule.alpha_bar_prev
+    denoise = _denoiser(model, schedule, prediction, variance, clip_x0, dynamic_threshold)
 
     def update(i, t, t_model, x):
-        out = model(x, t_model).to(x.dtype)
-        pmv = p_mean_variance(
-            schedule,
-            x,
-            t,
-            out,
-            prediction=prediction,
-            variance=variance,
-            clip_x0=clip_x0,
-            dynamic_threshold=dynamic_threshold,
-        )
+        pmv = denoise(x, t, t_model)
         a, a_prev = ab[i].item(), ab_prev[i].item()
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         x_prev = (
@@ -138,12 +172,88 @@ def ddim_sample(
             + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * pmv.eps_pred
         )
         if sigma > 0:
-            x_prev = x_prev + sigma * torch.randn(
-                x.shape, generator=generator, device=x.device, dtype=x.dtype
-            )
+            x_prev = x_prev + sigma * _randn(x.shape, generator, x.device, x.dtype)
         return x_prev
 
     return _loop(schedule, x_T, record, progress, update)
+
+
+# --------------------------------------------------------------------------------------------------
+# ODE solvers in data prediction: pure step functions, then the samplers that loop over them
+# --------------------------------------------------------------------------------------------------
+
+
+def _half_log_snr(schedule: NoiseSchedule) -> Tensor:
+    """lambda = log(alpha) - log(sigma) [T] (-inf at a zero-terminal-SNR step: expm1(-inf) = -1 works).
+    Computed over the whole chain, as the first DPM-Solver++ did, so that its outputs stay bit-equal."""
+    return torch.log(schedule.sqrt_alpha_bar) - torch.log(schedule.sqrt_one_minus_alpha_bar)
+
+
+def _check_step(schedule: NoiseSchedule, i: int, x0_preds: Sequence[Tensor], order: int) -> None:
+    if not 0 <= i < schedule.num_timesteps:
+        raise ValueError(f"step index i must lie in [0, {schedule.num_timesteps - 1}], got {i}")
+    if order not in (1, 2, 3):
+        raise ValueError(f"solver order must be 1, 2 or 3, got {order!r}")
+    if len(x0_preds) < order:
+        raise ValueError(
+            f"an order-{order} step needs the x0 predictions of the last {order} grid points, "
+            f"got {len(x0_preds)}"
+        )
+    if i + order - 1 >= schedule.num_timesteps:
+        raise ValueError(f"an order-{order} step from index {i} needs points up to {i + order - 1}")
+
+
+def dpm_solver_step(
+    schedule: NoiseSchedule, i: int, x: Tensor, x0_preds: Sequence[Tensor], *, order: int
+) -> Tensor:
+    """One DPM-Solver++ multistep update (Lu et al. 2022, Algorithm 2 and the "3M" variant) from grid
+    index i to i - 1, given D_0 = x0_preds[-1] (at i), D_1 = x0_preds[-2] (at i + 1), D_2 (at i + 2).
+
+    With h = lambda_{i-1} - lambda_i and phi_1 = expm1(-h):
+      (1) x_{i-1} = (sigma_{i-1} / sigma_i) x - alpha_{i-1} phi_1 D_0                (order 1 = DDIM)
+      (2) order 2 subtracts alpha_{i-1} phi_1 (D_0 - D_1) / (2 r0), r0 = h_1 / h   (h_1: previous step)
+      (3) order 3 adds alpha_{i-1} (phi_2 first - phi_3 second), with the first and second divided
+          differences of D and phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2.
+    At i = 0 the next point is x_0 (sigma = 0) and the update is D_0 itself: the final denoising step.
+    Order 3 is kept exactly as published (and as in diffusers), but its second difference estimates
+    h^2 D''/2 where the phi_3 term needs h^2 D'': it converges at second order (tests/test_solvers.py);
+    ``unipc_step`` with order 3 is a third-order multistep update.
+    """
+    _check_step(schedule, i, x0_preds, order)
+    d = x0_preds[-1]
+    if i == 0:
+        return d  # the next point is x_0 itself (sigma = 0): the data prediction
+    alpha, sigma, lam = (
+        schedule.sqrt_alpha_bar,
+        schedule.sqrt_one_minus_alpha_bar,
+        _half_log_snr(schedule),
+    )
+    lam_u, a_u, s_u, s_s = (
+        lam[i - 1].item(),
+        alpha[i - 1].item(),
+        sigma[i - 1].item(),
+        sigma[i].item(),
+    )
+    lam_s = lam[i].item()
+    h = lam_u - lam_s
+    phi_1 = math.expm1(-h)
+    x_u = (s_u / s_s) * x - a_u * phi_1 * d  # (1)
+    if order >= 2:
+        d1, lam_1 = x0_preds[-2], lam[i + 1].item()
+        r0 = (lam_s - lam_1) / h
+        d1_0 = (d - d1) / r0
+        if order == 2:
+            x_u = x_u - 0.5 * a_u * phi_1 * d1_0  # (2)
+        else:
+            d2, lam_2 = x0_preds[-3], lam[i + 2].item()
+            r1 = (lam_1 - lam_2) / h
+            d1_1 = (d1 - d2) / r1
+            first = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            second = (d1_0 - d1_1) / (r0 + r1)
+            phi_2 = phi_1 / h + 1.0
+            phi_3 = phi_2 / h - 0.5
+            x_u = x_u + a_u * phi_2 * first - a_u * phi_3 * second  # (3)
+    return x_u
 
 
 @torch.no_grad()
@@ -162,75 +272,263 @@ def dpm_solver_sample(
     record: Sequence[int] = (),
     progress: bool = False,
 ) -> SamplerOutput:
-    """DPM-Solver++ multistep (Lu et al. 2022, Algorithm 2 / "3M"), in data prediction, on the grid.
+    """DPM-Solver++ multistep (Lu et al. 2022, Algorithm 2 / "3M"), in data prediction, on the grid:
+    ``dpm_solver_step`` at every point, with the model's x0 prediction there.
 
-    Translated into our names: their alpha_t is sqrt(alpha_bar), sigma_t = sqrt(1 - alpha_bar),
-    lambda = log(alpha_t / sigma_t) = log_snr / 2. From grid point s (x_s) to the next, less noisy point
-    u with h = lambda_u - lambda_s and D_s = x0_pred(x_s):
-      order 1:  x_u = (sigma_u / sigma_s) x_s - alpha_u expm1(-h) D_s                     (= DDIM, eta = 0)
-      order 2:  ... - alpha_u expm1(-h) (D_s + (D_s - D_prev) / (2 r)),  r = h_prev / h
-      order 3:  adds the second divided difference (their eqs. for 3M).
     The first steps use lower orders (no history yet); with ``lower_order_final`` so do the last ones
     when there are fewer than 15 steps, as the authors recommend. The last update goes to alpha_bar = 1
-    (x_0) and returns the data prediction there. Deterministic: ``generator`` is unused.
+    (x_0) and returns the data prediction there (the final denoising step). Deterministic:
+    ``generator`` is unused.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
     T = schedule.num_timesteps
-    alpha = schedule.sqrt_alpha_bar
-    sigma = schedule.sqrt_one_minus_alpha_bar
-    lam = torch.log(alpha) - torch.log(
-        sigma
-    )  # -inf at a zero-terminal-SNR step: expm1(-inf) = -1 works
-    history: list[tuple[Tensor, float]] = []  # (x0_pred, lambda) of the latest points, newest last
+    denoise = _denoiser(model, schedule, prediction, variance, clip_x0, dynamic_threshold)
+    x0_preds: list[Tensor] = []  # at the latest grid points, newest last
 
     def update(i, t, t_model, x):
-        out = model(x, t_model).to(x.dtype)
-        pmv = p_mean_variance(
-            schedule,
-            x,
-            t,
-            out,
-            prediction=prediction,
-            variance=variance,
-            clip_x0=clip_x0,
-            dynamic_threshold=dynamic_threshold,
-        )
-        d = pmv.x0_pred
-        if i == 0:
-            return d  # the next point is x_0 itself (sigma = 0): the data prediction
-        history.append((d, lam[i].item()))
-        del history[:-3]
-        lam_u, a_u, s_u, s_s = (
-            lam[i - 1].item(),
-            alpha[i - 1].item(),
-            sigma[i - 1].item(),
-            sigma[i].item(),
-        )
-        lam_s = lam[i].item()
-        h = lam_u - lam_s
-        phi_1 = math.expm1(-h)
-        steps_left = i  # updates still to come after this one, counting the final jump to x_0
-        k = min(order, len(history))
+        x0_preds.append(denoise(x, t, t_model).x0_pred)
+        del x0_preds[:-3]
+        k = min(order, len(x0_preds))
         if lower_order_final and T < 15:
-            k = min(k, steps_left)
-        x_u = (s_u / s_s) * x - a_u * phi_1 * d
-        if k >= 2:
-            d1, lam_1 = history[-2]
-            r0 = (lam_s - lam_1) / h
-            d1_0 = (d - d1) / r0
-            if k == 2:
-                x_u = x_u - 0.5 * a_u * phi_1 * d1_0
-            else:
-                d2, lam_2 = history[-3]
-                r1 = (lam_1 - lam_2) / h
-                d1_1 = (d1 - d2) / r1
-                first = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                second = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = phi_1 / h + 1.0
-                phi_3 = phi_2 / h - 0.5
-                x_u = x_u + a_u * phi_2 * first - a_u * phi_3 * second
-        return x_u
+            k = min(k, max(i, 1))  # i = updates still to come, counting the final jump to x_0
+        return dpm_solver_step(schedule, i, x, x0_preds, order=k)
+
+    return _loop(schedule, x_T, record, progress, update)
+
+
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def _unipc(
+    schedule: NoiseSchedule,
+    i: int,
+    x: Tensor,
+    x0_preds: Sequence[Tensor],
+    order: int,
+    variant: str,
+    x0_pred_next: Tensor | None,
+) -> Tensor:
+    # Zhao et al. 2023, Algorithms 2-3 (UniP-p / UniC-p) in data prediction with B(h) = h ("bh1") or
+    # e^h - 1 ("bh2"), written as in their released code and diffusers' UniPCMultistepScheduler.
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(
+            f"UniPC variant must be one of {', '.join(UNIPC_VARIANTS)}, got {variant!r}"
+        )
+    _check_step(schedule, i, x0_preds, order)
+    m0 = x0_preds[-1]
+    if i == 0:
+        if x0_pred_next is not None:
+            raise ValueError("there is nothing to correct after the final step to x_0")
+        return m0  # the next point is x_0 (sigma = 0): the final denoising step
+    alpha, sigma, lam = (
+        schedule.sqrt_alpha_bar,
+        schedule.sqrt_one_minus_alpha_bar,
+        _half_log_snr(schedule),
+    )
+    a_t, s_t, s_s0 = alpha[i - 1].item(), sigma[i - 1].item(), sigma[i].item()
+    lam_s0 = lam[i].item()
+    h = lam[i - 1].item() - lam_s0
+    hh = -h  # data prediction integrates e^{-lambda}
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
+    # r_k = (lambda_{i+k} - lambda_i) / h and the scaled differences D1_k = (m_k - m0) / r_k of the
+    # older predictions; the corrector appends r = 1 for the new prediction at i - 1.
+    rks, d1s = [], []
+    for k in range(1, order):
+        rk = (lam[i + k].item() - lam_s0) / h
+        rks.append(rk)
+        d1s.append((x0_preds[-1 - k] - m0) / rk)
+    rks.append(1.0)
+    # Eq. (9)-(10): R_p rho = g_p(h) with R_p[j, k] = r_k^j and g_j = h phi_{j+1}(h) j! / B(h).
+    R, b, h_phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
+    for j in range(1, order + 1):
+        R.append([r ** (j - 1) for r in rks])
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= j + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    x_t = (s_t / s_s0) * x - a_t * h_phi_1 * m0  # the order-1 (DDIM) part
+    if x0_pred_next is None:  # predictor UniP-p
+        if order == 1:
+            return x_t
+        # Order 2 uses rho = 1/2 (their code's choice; it makes UniP-2 with bh2 DPM-Solver++ 2M).
+        rhos = [0.5] if order == 2 else _solve(R[:-1], b[:-1], order - 1)
+        return x_t - a_t * b_h * sum(r * d for r, d in zip(rhos, d1s, strict=True))
+    # corrector UniC-p: the prediction at the new point enters with r = 1.
+    rhos = [0.5] if order == 1 else _solve(R, b, order)
+    res = rhos[-1] * (x0_pred_next - m0)
+    for r, d in zip(rhos[:-1], d1s, strict=True):
+        res = res + r * d
+    return x_t - a_t * b_h * res
+
+
+def _solve(R: list[list[float]], b: list[float], n: int) -> list[float]:
+    """The n x n system R[:n, :n] rho = b[:n], in float64."""
+    A = torch.tensor([row[:n] for row in R[:n]], dtype=torch.float64)
+    return torch.linalg.solve(A, torch.tensor(b[:n], dtype=torch.float64)).tolist()
+
+
+def unipc_step(
+    schedule: NoiseSchedule,
+    i: int,
+    x: Tensor,
+    x0_preds: Sequence[Tensor],
+    *,
+    order: int,
+    variant: str = "bh2",
+) -> Tensor:
+    """The UniP-p predictor of UniPC (Zhao et al. 2023, Algorithm 2, data prediction) from grid index i
+    to i - 1, given x0_preds[-1] = m_0 at i and m_k = x0_preds[-1-k] at i + k, k < p:
+
+      x_{i-1} = (sigma_{i-1} / sigma_i) x - alpha_{i-1} (e^{-h} - 1) m_0
+                - alpha_{i-1} B(h) sum_k rho_k (m_k - m_0) / r_k,       r_k = (lambda_{i+k} - lambda_i) / h,
+
+    h = lambda_{i-1} - lambda_i, B(h) = -h ("bh1") or e^{-h} - 1 ("bh2"), rho from R_{p-1} rho = g
+    (eq. 10; rho = 1/2 at p = 2). Order 1 is DDIM. At i = 0 it returns m_0 (the step to x_0)."""
+    return _unipc(schedule, i, x, x0_preds, order, variant, None)
+
+
+def unipc_correct(
+    schedule: NoiseSchedule,
+    i: int,
+    x: Tensor,
+    x0_preds: Sequence[Tensor],
+    x0_pred_next: Tensor,
+    *,
+    order: int,
+    variant: str = "bh2",
+) -> Tensor:
+    """The UniC-p corrector of UniPC (Zhao et al. 2023, Algorithm 3): the point at index i - 1 again,
+    from the same x at i and predictions as ``unipc_step``, now also using ``x0_pred_next``, the model's
+    prediction at the *predicted* point i - 1 (r = 1 in eq. 10; rho = 1/2 at p = 1):
+
+      x^c_{i-1} = (sigma_{i-1} / sigma_i) x - alpha_{i-1} (e^{-h} - 1) m_0
+                  - alpha_{i-1} B(h) (sum_{k<p} rho_k (m_k - m_0) / r_k + rho_p (x0_pred_next - m_0)).
+
+    Order p + 1 for the price of no extra evaluation: the next step reuses x0_pred_next, evaluated at
+    the uncorrected point. ``order`` is the order of the predictor step being corrected."""
+    return _unipc(schedule, i, x, x0_preds, order, variant, x0_pred_next)
+
+
+@torch.no_grad()
+def unipc_sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    *,
+    order: int = 2,
+    variant: str = "bh2",
+    corrector: bool = True,
+    lower_order_final: bool = True,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = False,
+    dynamic_threshold: float | None = None,
+    generator: torch.Generator | None = None,
+    record: Sequence[int] = (),
+    progress: bool = False,
+) -> SamplerOutput:
+    """UniPC (Zhao et al. 2023): at every grid point the model's x0 prediction first corrects the point
+    just predicted (``unipc_correct``, skipped at the first point or with ``corrector=False``), then
+    the predictor (``unipc_step``) moves on from the corrected point. Orders warm up from 1 and, with
+    ``lower_order_final`` (their code's default), come down at the end: order <= i + 1 at index i.
+    The last update returns the x0 prediction at index 0 (the final denoising step). Deterministic."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(
+            f"UniPC variant must be one of {', '.join(UNIPC_VARIANTS)}, got {variant!r}"
+        )
+    denoise = _denoiser(model, schedule, prediction, variance, clip_x0, dynamic_threshold)
+    x0_preds: list[Tensor] = []  # at the latest grid points, newest last
+    last: list = []  # (x, order) of the previous predictor step
+
+    def update(i, t, t_model, x):
+        x0_pred = denoise(x, t, t_model).x0_pred
+        if corrector and last:
+            x_from, k_from = last[0]
+            x = unipc_correct(
+                schedule, i + 1, x_from, x0_preds, x0_pred, order=k_from, variant=variant
+            )
+        x0_preds.append(x0_pred)
+        del x0_preds[:-order]
+        k = min(order, len(x0_preds), i + 1 if lower_order_final else order)
+        last[:] = [(x, k)]
+        return unipc_step(schedule, i, x, x0_preds, order=k, variant=variant)
+
+    return _loop(schedule, x_T, record, progress, update)
+
+
+def euler_step(schedule: NoiseSchedule, i: int, x: Tensor, x0_pred: Tensor) -> Tensor:
+    """Euler's method for the probability-flow ODE in EDM's variables (y = x / alpha, sigma~ = sigma /
+    alpha, dy/dsigma~ = (y - D) / sigma~; Karras et al. 2022, Algorithm 1 line 4), from index i to
+    i - 1. In ours it is x_{i-1} = alpha_{i-1} D + sigma_{i-1} (x - alpha_i D) / sigma_i: exactly DDIM
+    with eta = 0 and DPM-Solver++ order 1. At i = 0 it returns D (the step to sigma = 0)."""
+    return dpm_solver_step(schedule, i, x, [x0_pred], order=1)
+
+
+def heun_step(
+    schedule: NoiseSchedule, i: int, x: Tensor, x0_pred: Tensor, x0_pred_euler: Tensor
+) -> Tensor:
+    """Heun's second-order step of EDM (Karras et al. 2022, Algorithm 1 lines 4-8, no churn) from grid
+    index i >= 1 to i - 1. ``x0_pred`` is D at (x, i); ``x0_pred_euler`` is D at the Euler point
+    x' = euler_step(schedule, i, x, x0_pred), index i - 1. With d = (x - alpha_i D) / sigma_i and
+    d' = (x' - alpha_{i-1} D') / sigma_{i-1} (each dy/dsigma~, i.e. an eps prediction):
+
+      x_{i-1} = (alpha_{i-1} / alpha_i) x + (sigma_{i-1} - alpha_{i-1} sigma_i / alpha_i) (d + d') / 2,
+
+    the trapezoidal rule in EDM's variables mapped back by x = alpha y."""
+    if not 1 <= i < schedule.num_timesteps:
+        raise ValueError(
+            f"a Heun step needs an index in [1, {schedule.num_timesteps - 1}] (the last step to x_0 "
+            f"is euler_step), got {i}"
+        )
+    a_s, s_s = schedule.sqrt_alpha_bar[i].item(), schedule.sqrt_one_minus_alpha_bar[i].item()
+    a_u, s_u = (
+        schedule.sqrt_alpha_bar[i - 1].item(),
+        schedule.sqrt_one_minus_alpha_bar[i - 1].item(),
+    )
+    if a_s == 0.0:
+        raise ValueError(
+            "a Heun step from a zero-SNR point is undefined (sigma~ = inf); use euler_step"
+        )
+    x_euler = euler_step(schedule, i, x, x0_pred)
+    d = (x - a_s * x0_pred) / s_s
+    d_euler = (x_euler - a_u * x0_pred_euler) / s_u
+    return (a_u / a_s) * x + (s_u - a_u * s_s / a_s) * 0.5 * (d + d_euler)
+
+
+@torch.no_grad()
+def heun_sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = False,
+    dynamic_threshold: float | None = None,
+    generator: torch.Generator | None = None,
+    record: Sequence[int] = (),
+    progress: bool = False,
+) -> SamplerOutput:
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1, S_churn = 0): ``heun_step`` between
+    grid points, two network evaluations each, and an Euler step (one evaluation, returning D) from the
+    last point to x_0: 2K - 1 evaluations on a K-point grid. Their sigma grid (rho = 7) on our discrete
+    chain is the "karras" grid, its default. A step from a zero-SNR point (zero-terminal-SNR
+    schedules) is an Euler step. Deterministic."""
+    denoise = _denoiser(model, schedule, prediction, variance, clip_x0, dynamic_threshold)
+    alpha = schedule.sqrt_alpha_bar
+
+    def update(i, t, t_model, x):
+        x0_pred = denoise(x, t, t_model).x0_pred
+        x_euler = euler_step(schedule, i, x, x0_pred)
+        if i == 0 or alpha[i].item() == 0.0:
+            return x_euler
+        # The second evaluation: at the Euler point, at the grid's next (original) timestep.
+        t_next, t_model_next = t - 1, schedule.timesteps[(t - 1).cpu()].to(x.device)
+        x0_pred_euler = denoise(x_euler, t_next, t_model_next).x0_pred
+        return heun_step(schedule, i, x, x0_pred, x0_pred_euler)
 
     return _loop(schedule, x_T, record, progress, update)
 
@@ -239,7 +537,24 @@ SAMPLERS: dict[str, Callable[..., SamplerOutput]] = {
     "ancestral": ancestral_sample,
     "ddim": ddim_sample,
     "dpm_solver": dpm_solver_sample,
+    "unipc": unipc_sample,
+    "heun": heun_sample,
 }
+
+
+def network_evaluations(sampler: str, num_steps: int) -> int:
+    """How many times ``sampler`` calls the model on a grid of num_steps points: 2K - 1 for ``heun``
+    (two per step, one for the last), K for the others."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
+    return 2 * num_steps - 1 if sampler == "heun" else num_steps
+
+
+def steps_for_evaluations(sampler: str, nfe: int) -> int:
+    """The longest grid whose sampling costs at most ``nfe`` network evaluations (at least 1 point)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
+    return max(1, (nfe + 1) // 2) if sampler == "heun" else nfe
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,8 +615,29 @@ def log_snr_timesteps(schedule: NoiseSchedule, num_steps: int) -> Tensor:
     _check_steps(T, num_steps)
     log_snr = schedule.log_snr.clamp(min=-30.0)  # a zero-terminal SNR is -inf
     targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), num_steps, dtype=torch.float64)
+    return _nearest_log_snr(schedule, targets)
+
+
+def karras_timesteps(schedule: NoiseSchedule, num_steps: int, rho: float = 7.0) -> Tensor:
+    """ "karras": EDM's noise levels (Karras et al. 2022, eq. 5) mapped onto the discrete chain:
+    s_j = (s_max^(1/rho) + j / (K-1) (s_min^(1/rho) - s_max^(1/rho)))^rho for j = 0..K-1, where EDM's
+    sigma is ours sqrt((1 - alpha_bar) / alpha_bar) = exp(-log_snr / 2), s_max and s_min those of the
+    last and first step; each s_j becomes the step with the nearest log-SNR. rho = 7 spends most points
+    at low noise (their Fig. 13); starts at T-1, ends at 0."""
+    T = schedule.num_timesteps
+    _check_steps(T, num_steps)
+    log_snr = schedule.log_snr.clamp(min=-30.0)  # a zero-terminal SNR is -inf (s_max = e^15 then)
+    s_min, s_max = torch.exp(-0.5 * log_snr[0]), torch.exp(-0.5 * log_snr[-1])
+    ramp = torch.linspace(1.0, 0.0, num_steps, dtype=torch.float64)
+    sigmas = (s_min ** (1 / rho) + ramp * (s_max ** (1 / rho) - s_min ** (1 / rho))) ** rho
+    return _nearest_log_snr(schedule, -2 * torch.log(sigmas))
+
+
+def _nearest_log_snr(schedule: NoiseSchedule, targets: Tensor) -> Tensor:
+    """For each target log-SNR the step nearest to it, ascending and made distinct."""
+    log_snr = schedule.log_snr.clamp(min=-30.0)
     grid = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1)
-    return _distinct(grid.sort().values, T)
+    return _distinct(grid.sort().values, schedule.num_timesteps)
 
 
 def _distinct(grid: Tensor, num_timesteps: int) -> Tensor:
@@ -322,13 +658,20 @@ GRIDS: dict[str, Callable[[NoiseSchedule, int], Tensor]] = {
     "trailing": lambda s, k: trailing_timesteps(s.num_timesteps, k),
     "quadratic": lambda s, k: quadratic_timesteps(s.num_timesteps, k),
     "logsnr": log_snr_timesteps,
+    "karras": karras_timesteps,
 }
 
 
 # The grid each sampler uses when none is named. Ancestral and DDIM: Improved DDPM's evenly spaced
-# respacing, which keeps both ends of the chain. DPM-Solver++: uniform in log-SNR, where its steps are
-# defined; on the linspace grid its 2M variant over-disperses at 20 steps (benchmarks/samplers.py).
-DEFAULT_GRIDS = {"ancestral": "linspace", "ddim": "linspace", "dpm_solver": "logsnr"}
+# respacing, which keeps both ends of the chain. DPM-Solver++ and UniPC: uniform in log-SNR, where their
+# steps are defined. Heun: EDM's own grid. (benchmarks/samplers.py compares them; see the README.)
+DEFAULT_GRIDS = {
+    "ancestral": "linspace",
+    "ddim": "linspace",
+    "dpm_solver": "logsnr",
+    "unipc": "logsnr",
+    "heun": "karras",
+}
 
 
 def timestep_grid(schedule: NoiseSchedule, num_steps: int, grid: str = "linspace") -> Tensor:
@@ -354,7 +697,9 @@ def sample(
     """Draw x_T ~ N(0, I) of the given shape and run the named sampler, on the full chain or, with
     num_steps < T, on the schedule respaced onto that many points of the named grid (default: the
     sampler's entry in ``DEFAULT_GRIDS``). ``options`` go to the sampler (prediction, variance, clip_x0,
-    dynamic_threshold, eta for DDIM, order for DPM-Solver++, record, progress)."""
+    dynamic_threshold, eta for DDIM, order for DPM-Solver++ and UniPC, variant and corrector for UniPC,
+    record, progress). x_T and all noise are drawn on the generator's device (a CPU generator gives the
+    same numbers for every ``device``) and moved to ``device``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
     if options.get("prediction", "eps") == "eps" and float(schedule.alpha_bar[-1]) == 0.0:
@@ -366,5 +711,5 @@ def sample(
     grid = DEFAULT_GRIDS[sampler] if grid is None else grid
     if num_steps is not None and (num_steps != schedule.num_timesteps or grid != "linspace"):
         schedule = respace(schedule, timestep_grid(schedule, num_steps, grid))
-    x_T = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    x_T = _randn(shape, generator, device, dtype)
     return SAMPLERS[sampler](model, schedule, x_T, generator=generator, **options)
