@@ -90,7 +90,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         grid=args.grid,
         **_sampler_options(args),
     )
-    print(f"samples:    {result.png} (the first {min(result.num, 64)} of {result.num})")
+    shown = f" (the first {result.shown} of {result.num})" if result.shown < result.num else ""
+    print(f"samples:    {result.png}{shown}")
     print(f"arrays:     {result.npz}")
     if result.trajectory_png is not None:
         print(f"trajectory: {result.trajectory_png}")
