@@ -90,8 +90,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         grid=args.grid,
         **_sampler_options(args),
     )
-    shown = "one row per class" if args.class_label == "all" else f"the first {min(result.num, 64)}"
-    print(f"samples:    {result.png} ({shown} of {result.num})")
+    shown = f" (the first {result.shown} of {result.num})" if result.shown < result.num else ""
+    if args.class_label == "all":
+        shown = f" (one row per class; {result.num} samples in the arrays)"
+    print(f"samples:    {result.png}{shown}")
     print(f"arrays:     {result.npz}")
     if result.trajectory_png is not None:
         print(f"trajectory: {result.trajectory_png}")

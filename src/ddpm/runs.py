@@ -366,15 +366,16 @@ def save_samples(
 
 
 class SampleResult(NamedTuple):
-    """Paths written by ``sample_run`` and the first samples ([N, C, H, W] or [N, D], float; at most
-    one batch: the rest went straight to the .npz)."""
+    """Paths written by ``sample_run`` and the samples its PNG shows ([N, C, H, W], the first 64, or
+    [N, D], the first batch; float): the rest went straight to the .npz."""
 
     png: Path
     npz: Path
     trajectory_png: Path | None
     step: int
     x0: Tensor
-    num: int = 0
+    num: int = 0  # samples in the .npz
+    shown: int = 0  # of which the PNG shows the first
 
 
 class LoadedRun(NamedTuple):
@@ -501,15 +502,22 @@ def sample_run(
         progress=progress,
         class_labels=class_labels,
     )
-    first: list = []
-    class_rows: list = []  # --class all: the first CLASS_GRID_COLUMNS samples of each class
+    # What the PNG shows: the first 64 images (gathered over batches), or the first batch of points,
+    # or with --class all the first CLASS_GRID_COLUMNS of each class; the trajectory is the first
+    # batch's.
+    kept_x0: list[Tensor] = []
+    trajectories: list[dict] = []
+    class_rows: list[Tensor] = []
 
     def arrays():
         start = 0
         for out in batches:
             x0 = out.x0.float().cpu()
-            if not first:
-                first.append(out._replace(x0=x0))
+            if not trajectories:
+                trajectories.append(out.trajectory)
+                kept_x0.append(x0)
+            elif is_image and sum(len(k) for k in kept_x0) < PREVIEW_IMAGES:
+                kept_x0.append(x0[: PREVIEW_IMAGES - sum(len(k) for k in kept_x0)])
             rows = torch.arange(start, start + len(x0))
             if label == "all":
                 class_rows.append(x0[rows % per_class < CLASS_GRID_COLUMNS])
@@ -522,25 +530,21 @@ def sample_run(
             yield chunk
 
     npz = write_npz_stream(out_dir / f"{stem}.npz", columns, arrays())
-    head = first[0]
     if label == "all" and is_image:
+        shown = torch.cat(class_rows)
         png = viz.save_labelled_rows(
-            torch.cat(class_rows), names or [str(i) for i in range(run.model.num_classes)],
-            out_dir / f"{stem}.png",
-        )  # fmt: skip
-    else:
-        png = save_samples(
-            head.x0[:PREVIEW_IMAGES] if is_image else head.x0,
-            out_dir / f"{stem}.png",
-            title=f"step {run.checkpoint.step}",
+            shown, names or [str(i) for i in range(run.model.num_classes)], out_dir / f"{stem}.png"
         )
+    else:
+        shown = torch.cat(kept_x0)[:PREVIEW_IMAGES] if is_image else kept_x0[0]
+        png = save_samples(shown, out_dir / f"{stem}.png", title=f"step {run.checkpoint.step}")
     traj_png = None
     if trajectory:
         labels = {i: f"t={int(kept[i]) + 1}" for i in record}
         traj_png = viz.save_trajectory(
-            head.trajectory, out_dir / f"{stem}_trajectory.png", labels=labels
+            trajectories[0], out_dir / f"{stem}_trajectory.png", labels=labels
         )
-    return SampleResult(png, npz, traj_png, run.checkpoint.step, head.x0, num)
+    return SampleResult(png, npz, traj_png, run.checkpoint.step, shown, num, len(shown))
 
 
 def check_disk_space(folder: Path, needed: int) -> None:
