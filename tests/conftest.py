@@ -176,3 +176,15 @@ DEVICES = _devices()
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One OpenMP thread for a module of tiny-tensor tests: a second thread only adds
+    synchronisation (and stalls badly under load). Use with ``pytestmark``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

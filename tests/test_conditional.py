@@ -23,13 +23,7 @@ from ddpm.runs import load_run, sample_run, sampler_options
 from ddpm.samplers import SAMPLERS, sample
 from ddpm.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------

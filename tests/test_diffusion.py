@@ -21,14 +21,7 @@ from ddpm.diffusion import (
 )
 from ddpm.schedules import NoiseSchedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread only adds synchronisation (and stalls badly under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 S = NoiseSchedule.from_name("linear", 1000)

@@ -16,12 +16,7 @@ from ddpm.data.transforms import bytes_to_unit
 QUICK = ["--steps", "4", "--device", "cpu", "-q"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(path, array: np.ndarray):

@@ -22,13 +22,7 @@ from ddpm.oracle import GaussianMixture
 from ddpm.samplers import SAMPLERS, timestep_grid
 from ddpm.schedules import NoiseSchedule, respace
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 F64 = torch.float64

@@ -12,13 +12,7 @@ from ddpm.oracle import GaussianMixture
 from ddpm.samplers import GRIDS, SAMPLERS, sample
 from ddpm.schedules import NoiseSchedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Three overlapping classes in 2-D: conditional and unconditional sampling differ clearly.

@@ -19,12 +19,7 @@ from ddpm.schedules import BETA_SCHEDULES, NoiseSchedule
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_chain_by_hand(beta: torch.Tensor, x0: torch.Tensor, g: torch.Generator) -> list:

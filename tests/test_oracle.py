@@ -9,14 +9,7 @@ from torch.distributions import Categorical, MixtureSameFamily, MultivariateNorm
 from ddpm.oracle import GaussianMixture
 from ddpm.schedules import NoiseSchedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread only adds synchronisation (and stalls badly under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GM = GaussianMixture(

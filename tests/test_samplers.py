@@ -17,14 +17,7 @@ from ddpm.samplers import (
 )
 from ddpm.schedules import NoiseSchedule, respace
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread only adds synchronisation (and stalls badly under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GM = GaussianMixture(

@@ -41,12 +41,7 @@ from ddpm.schedules import NoiseSchedule, respace
 MU, S2 = 0.7, 0.25
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear_lambda_schedule(T: int = 1601) -> NoiseSchedule:
