@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py [--data fashion-mnist] [--minutes 7] [--num 500] [--inception-num 200]
                                  [--steps 25] [--nll-num 200] [--nll-steps 20] [--out PATH]
+                                 [--precision auto|fp32|bf16] [--their-precision fp32|bf16]
 
 Two networks of nearly equal size train on the same data for the same wall-clock budget, in
 alternating chunks (ours, theirs, ours, ...) so that changes in machine load hit both:
@@ -14,6 +15,12 @@ alternating chunks (ours, theirs, ours, ...) so that changes in machine load hit
   power 3/4, max 0.9999), MSE on eps with ``DDPMScheduler.add_noise``, batch 64. One deviation: the
   example decays the learning rate by a cosine over a known number of steps; a time budget has no
   step count, so the rate stays constant after the warm-up.
+Precision (training only; both sample in fp32): ours in ``--precision``, by default ddpm's own default
+(``TrainConfig.precision``; ``auto`` is bf16 autocast where the CPU has native bf16); theirs in
+``--their-precision``, by default fp32, diffusers' fastest training precision on the CPU:
+benchmarks/train_speed.py measured its bf16-autocast step slower than fp32 (its CPU attention backward
+in bf16 at head size 8 is ~2.5x slower than in fp32), so fp32 is its best against our best. Both
+precisions, as resolved on this machine, go into the JSON.
 Both use T = 1000 and the linear beta schedule (1e-4 .. 0.02), and both are evaluated from their EMA
 weights with the SAME sampler -- ddpm's DPM-Solver++ (3M) on ``--steps`` points of the log-SNR grid,
 diffusers' network wrapped as a callable (x_t, t) -> eps -- and the same seeds, so the comparison is
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -56,8 +64,9 @@ from ddpm.config import (  # noqa: E402
     TrainConfig,
 )
 from ddpm.data import load_dataset  # noqa: E402
+from ddpm.devices import PRECISIONS, autocast, resolve_precision  # noqa: E402
 from ddpm.likelihood import bits_per_dim_summary, variational_bound  # noqa: E402
-from ddpm.runs import load_run_model  # noqa: E402
+from ddpm.runs import draw, load_run_model  # noqa: E402
 from ddpm.schedules import NoiseSchedule  # noqa: E402
 from ddpm.train import train  # noqa: E402
 
@@ -71,7 +80,9 @@ BATCH = 64
 class Theirs:
     """diffusers' unconditional-example training loop, run for a given number of seconds at a time."""
 
-    def __init__(self, data_x: torch.Tensor, in_channels: int, seed: int) -> None:
+    def __init__(
+        self, data_x: torch.Tensor, in_channels: int, seed: int, precision: str = "fp32"
+    ) -> None:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
@@ -90,6 +101,7 @@ class Theirs:
             power=3 / 4,
         )
         self.data_x = data_x
+        self.precision = precision
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.perm, self.pos, self.step, self.seconds, self.loss = None, 0, 0, 0.0, math.nan
 
@@ -110,7 +122,9 @@ class Theirs:
             noisy = self.scheduler.add_noise(clean, noise, t)
             for group in self.optimizer.param_groups:
                 group["lr"] = 1e-4 * min(1.0, (self.step + 1) / self.warmup)
-            loss = torch.nn.functional.mse_loss(self.model(noisy, t).sample, noise)
+            with autocast(torch.device("cpu"), self.precision):
+                eps_pred = self.model(noisy, t).sample
+            loss = torch.nn.functional.mse_loss(eps_pred.float(), noise)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -127,7 +141,7 @@ class Theirs:
         return lambda x_t, t: net(x_t, t).sample
 
 
-def our_config(data: str, minutes: float, seed: int) -> RunConfig:
+def our_config(data: str, minutes: float, seed: int, precision: str) -> RunConfig:
     return RunConfig(
         data=DataConfig(name=data),
         model=ModelConfig(preset="small"),
@@ -140,6 +154,7 @@ def our_config(data: str, minutes: float, seed: int) -> RunConfig:
             checkpoint_every=0,
             tensorboard=False,
             keep_checkpoints=1,
+            precision=precision,
         ),
         # The picture train() draws at the end of every chunk: kept cheap, it is not part of the budget.
         sample=SampleConfig(num=16, steps=10, sampler="dpm_solver"),
@@ -158,6 +173,18 @@ def main() -> None:
     parser.add_argument("--nll-num", type=int, default=200)
     parser.add_argument("--nll-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=TrainConfig().precision,
+        help="ours (default: ddpm's default, TrainConfig.precision)",
+    )
+    parser.add_argument(
+        "--their-precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="diffusers' training precision (default fp32, its fastest on the CPU)",
+    )
     parser.add_argument("--run-dir", type=Path, help="where our run goes (default: a temp dir)")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "quality.json"
@@ -172,7 +199,15 @@ def main() -> None:
     test = load_dataset(args.data, split="test")
     in_channels = train_x.shape[1]
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="ddpm-quality-"))
-    theirs = Theirs(train_x, in_channels, args.seed)
+    precisions = {
+        "ddpm": resolve_precision(args.precision, torch.device("cpu")),
+        "diffusers": resolve_precision(args.their_precision, torch.device("cpu")),
+    }
+    say(
+        f"training precision: ddpm {args.precision} -> {precisions['ddpm']}, diffusers "
+        f"{precisions['diffusers']}"
+    )
+    theirs = Theirs(train_x, in_channels, args.seed, precisions["diffusers"])
 
     # ---- training: alternate chunks until each has had the budget
     ours_seconds = 0.0
@@ -180,7 +215,10 @@ def main() -> None:
         if ours_seconds < 60 * args.minutes - 1:
             chunk = min(args.chunk, args.minutes - ours_seconds / 60)
             result = train(
-                our_config(args.data, chunk, args.seed), run_dir, progress=False, verbose=False
+                our_config(args.data, chunk, args.seed, args.precision),
+                run_dir,
+                progress=False,
+                verbose=False,
             )
             ours_seconds += result.elapsed_s
             ours_step, ours_loss = result.step, result.loss
@@ -198,23 +236,26 @@ def main() -> None:
         for n, m in (("ddpm", our_model), ("diffusers", theirs.model))
     }
 
-    # ---- samples: the same sampler, grid, seeds and batch for both
+    # ---- samples: the same sampler, grid, seeds and batch for both, through the run's one path
     shape = tuple(train_x.shape[1:])
+    schedule = NoiseSchedule.from_name("linear", NUM_TIMESTEPS)
+    sample_config = dataclasses.replace(
+        config, sample=dataclasses.replace(config.sample, sampler="dpm_solver", grid=args.grid)
+    )
     samples, sample_seconds = {}, {}
     for name, model in models.items():
         start = time.monotonic()
-        samples[name] = evaluate.draw_samples(
+        samples[name] = draw(
             model,
-            config,
+            schedule,
             shape,
+            sample_config,
             num=args.num,
-            sampler="dpm_solver",
             steps=args.steps,
-            grid=args.grid,
             seed=args.seed,
             batch_size=250,
-            progress=False,
-        )
+            device="cpu",
+        ).x0
         sample_seconds[name] = time.monotonic() - start
         say(f"sampled {args.num} from {name} in {sample_seconds[name]:.0f} s")
 
@@ -248,7 +289,6 @@ def main() -> None:
         print(f"Inception FID skipped: {evaluate.INCEPTION_INSTALL} to add it", flush=True)
 
     # ---- the variational bound on the same test images, with the same noise for both
-    schedule = NoiseSchedule.from_name("linear", NUM_TIMESTEPS)
     x_nll = test.x[: args.nll_num]
     for name, model in models.items():
         bound = variational_bound(
@@ -327,6 +367,7 @@ def main() -> None:
         },
         "ddpm": {
             "parameters": params["ddpm"],
+            "train_precision": {"asked": args.precision, "resolved": precisions["ddpm"]},
             "steps": ours_step,
             "train_seconds": ours_seconds,
             "sampling_seconds": sample_seconds["ddpm"],
@@ -334,6 +375,7 @@ def main() -> None:
         },
         "diffusers": {
             "parameters": params["diffusers"],
+            "train_precision": {"asked": args.their_precision, "resolved": precisions["diffusers"]},
             "steps": theirs.step,
             "train_seconds": theirs.seconds,
             "sampling_seconds": sample_seconds["diffusers"],
