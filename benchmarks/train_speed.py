@@ -2,17 +2,26 @@
 
     python benchmarks/train_speed.py [--quick] [--reps N] [--out PATH] [--bf16 auto|on|off]
 
-For 1x32x32 and 3x32x32 images at batch 64, in fp32 and bf16 autocast: training images/s (forward,
-eps-MSE loss at random t, backward, AdamW step) and milliseconds per network evaluation (forward
-without grad, as in sampling). The two networks run interleaved (ours, theirs, ours, ...) after a
-warm-up; times are medians and each speedup is the median of the per-repetition ratios. FLOPs of one
-training step are counted with FlopCounterMode and compared with this machine's torch.mm peak,
-measured in the same run. Prints a table and writes JSON (default benchmarks/results/train_speed.json).
+For 1x32x32 and 3x32x32 images at batch 64: training images/s and milliseconds per network
+evaluation (forward without grad, as in sampling), each network in fp32 and in bf16 autocast. The
+steps timed are the real ones:
+- ours = the step of ``ddpm train``: ddpm's Objective (L_simple at random t), backward, gradient
+  clipping at 1, AdamW, and ``ema_update`` (its default EMA 0.999), less the data loading;
+- theirs = the step of diffusers' unconditional training example (train_unconditional.py):
+  ``DDPMScheduler.add_noise``, eps-MSE, backward, clipping at 1, AdamW (lr 1e-4, betas (0.95, 0.999),
+  weight decay 1e-6), ``EMAModel.step``.
+Per image shape, all four (network, precision) pairs run interleaved in one loop after a warm-up, so
+that changes in machine load hit all; times are medians and each speedup is the median of the
+per-repetition ratios. The headline compares each network in its fastest precision (best against
+best). FLOPs of one training step are counted with FlopCounterMode and given as a share of this
+machine's torch.mm fp32 and bf16 peaks, measured in the same run. Prints a table (and the CPU's name
+and ISA) and writes JSON (default benchmarks/results/train_speed.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -31,9 +40,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from ddpm.devices import cpu_name  # noqa: E402
 from ddpm.nets import build_unet, count_parameters  # noqa: E402
 from ddpm.objective import Objective  # noqa: E402
 from ddpm.schedules import NoiseSchedule  # noqa: E402
+from ddpm.train_state import ema_update  # noqa: E402
 
 BATCH = 64
 IMAGE_SIZE = 32
@@ -94,25 +105,26 @@ class Bench:
     def __init__(self, net: torch.nn.Module, in_channels: int, bf16: bool, seed: int):
         self.net = net
         self.bf16 = bf16
-        self.optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(seed)
         self.x0 = torch.rand(BATCH, in_channels, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1
-        # ddpm's own training objective (L_simple, eps-prediction) for both networks: the step
-        # timed here is the one `ddpm train` takes, less the data loading and the EMA.
-        self.objective = Objective(NoiseSchedule.from_name("linear", NUM_TIMESTEPS))
         self.generator = g
 
     def _autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
+    def loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self) -> None:
+        raise NotImplementedError
+
     def train_step(self) -> None:
-        drawn = self.objective.draw(self.x0.shape, self.generator)
-        with self._autocast():
-            losses = self.objective(self.net, self.x0, drawn.t, drawn.eps)
-        loss = self.objective.reduce(losses, drawn)
+        loss = self.loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
         self.optimizer.step()
+        self.update()
 
     def evaluate(self) -> None:
         t = torch.full((BATCH,), NUM_TIMESTEPS // 2, dtype=torch.long)
@@ -124,6 +136,53 @@ class Bench:
         with counter:
             self.train_step()
         return counter.get_total_flops()
+
+
+class Ours(Bench):
+    """``ddpm train``'s step: Objective, clipping at 1, AdamW (weight decay 0), EMA 0.999."""
+
+    def __init__(self, net: torch.nn.Module, in_channels: int, bf16: bool, seed: int):
+        super().__init__(net, in_channels, bf16, seed)
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0)
+        self.objective = Objective(NoiseSchedule.from_name("linear", NUM_TIMESTEPS))
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    def loss(self) -> torch.Tensor:
+        drawn = self.objective.draw(self.x0.shape, self.generator)
+        with self._autocast():
+            losses = self.objective(self.net, self.x0, drawn.t, drawn.eps)
+        return self.objective.reduce(losses, drawn)
+
+    def update(self) -> None:
+        ema_update(self.ema, self.net, 0.999)
+
+
+class Theirs(Bench):
+    """diffusers' example step: add_noise, eps-MSE, clipping at 1, AdamW, EMAModel."""
+
+    def __init__(self, net: torch.nn.Module, in_channels: int, bf16: bool, seed: int):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        super().__init__(net, in_channels, bf16, seed)
+        self.optimizer = torch.optim.AdamW(
+            net.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8
+        )
+        self.scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS, beta_schedule="linear")
+        self.ema = EMAModel(
+            net.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4
+        )
+
+    def loss(self) -> torch.Tensor:
+        noise = torch.randn(self.x0.shape, generator=self.generator)
+        t = torch.randint(0, NUM_TIMESTEPS, (BATCH,), generator=self.generator)
+        noisy = self.scheduler.add_noise(self.x0, noise, t)
+        with self._autocast():
+            eps_pred = self.net(noisy, t)
+        return torch.nn.functional.mse_loss(eps_pred.float(), noise)
+
+    def update(self) -> None:
+        self.ema.step(self.net.parameters())
 
 
 def interleaved(fns: dict[str, callable], warmup: int, reps: int) -> dict[str, list[float]]:
@@ -140,64 +199,93 @@ def interleaved(fns: dict[str, callable], warmup: int, reps: int) -> dict[str, l
     return times
 
 
-def speedup(times: dict[str, list[float]]) -> float:
+def speedup(times: dict[str, list[float]], ours: str, theirs: str) -> float:
     """Median over repetitions of theirs/ours (same repetition, adjacent in time)."""
-    return statistics.median(t / o for o, t in zip(times["ours"], times["theirs"], strict=True))
+    return statistics.median(t / o for o, t in zip(times[ours], times[theirs], strict=True))
 
 
-def run_case(in_channels: int, bf16: bool, warmup: int, reps: int, peak: float) -> dict:
-    torch.manual_seed(0)
-    nets = {
-        "ours": build_unet("small", in_channels=in_channels, image_size=IMAGE_SIZE),
-        "theirs": Unwrap(diffusers_unet(in_channels)),
-    }
-    params = {name: count_parameters(net) for name, net in nets.items()}
+def fastest(times: dict[str, list[float]], net: str) -> str:
+    """The key of ``net``'s fastest precision (lowest median time)."""
+    return min(
+        (k for k in times if k.startswith(net + " ")), key=lambda k: statistics.median(times[k])
+    )
+
+
+def run_shape(in_channels: int, precisions: list[str], warmup: int, reps: int, peaks: dict) -> dict:
+    """Every (network, precision) pair of one image shape, interleaved in one loop."""
+    benches, params, flops = {}, {}, {}
+    for net_name, make, kind in (
+        ("ours", lambda: build_unet("small", in_channels=in_channels, image_size=IMAGE_SIZE), Ours),
+        ("theirs", lambda: Unwrap(diffusers_unet(in_channels)), Theirs),
+    ):
+        for precision in precisions:
+            torch.manual_seed(0)
+            net = make()
+            params[net_name] = count_parameters(net)
+            key = f"{net_name} {precision}"
+            benches[key] = kind(net, in_channels, precision == "bf16", seed=1)
+            if precision == "fp32":  # the same FLOPs in either precision
+                flops[net_name] = benches[key].train_flops()
     ratio = params["ours"] / params["theirs"]
     assert 0.9 <= ratio <= 1.1, f"parameter counts differ by more than 10%: {params}"
-    benches = {name: Bench(net, in_channels, bf16, seed=1) for name, net in nets.items()}
-    flops = {name: b.train_flops() for name, b in benches.items()}
-    train = interleaved({n: b.train_step for n, b in benches.items()}, warmup, reps)
-    sample = interleaved({n: b.evaluate for n, b in benches.items()}, warmup, reps)
-    case = {
+    train = interleaved({k: b.train_step for k, b in benches.items()}, warmup, reps)
+    sample = interleaved({k: b.evaluate for k, b in benches.items()}, warmup, reps)
+
+    def gflops(key: str) -> float:
+        return flops[key.split()[0]] / statistics.median(train[key]) / 1e9
+
+    best = {n: fastest(train, n) for n in ("ours", "theirs")}
+    best_eval = {n: fastest(sample, n) for n in ("ours", "theirs")}
+    return {
         "shape": f"{in_channels}x{IMAGE_SIZE}x{IMAGE_SIZE}",
-        "precision": "bf16-autocast" if bf16 else "fp32",
         "batch": BATCH,
         "params": params,
         "train_flops_per_step": flops,
-        "train_s_per_step": {n: statistics.median(v) for n, v in train.items()},
-        "train_img_per_s": {n: BATCH / statistics.median(v) for n, v in train.items()},
-        "train_speedup": speedup(train),
-        "train_gflop_per_s": {n: flops[n] / statistics.median(v) / 1e9 for n, v in train.items()},
-        "sample_ms_per_eval": {n: 1e3 * statistics.median(v) for n, v in sample.items()},
-        "sample_speedup": speedup(sample),
+        "train_img_per_s": {k: BATCH / statistics.median(v) for k, v in train.items()},
+        "train_gflop_per_s": {k: gflops(k) for k in train},
+        "train_share_of_peak": {
+            k: {p: gflops(k) / peaks[p]["gflop_per_s"] for p in peaks} for k in train
+        },
+        "sample_ms_per_eval": {k: 1e3 * statistics.median(v) for k, v in sample.items()},
+        "train_speedup_same_precision": {
+            p: speedup(train, f"ours {p}", f"theirs {p}") for p in precisions
+        },
+        "sample_speedup_same_precision": {
+            p: speedup(sample, f"ours {p}", f"theirs {p}") for p in precisions
+        },
+        "best": {"train": best, "sample": best_eval},
+        "train_speedup_best": speedup(train, best["ours"], best["theirs"]),
+        "sample_speedup_best": speedup(sample, best_eval["ours"], best_eval["theirs"]),
         "raw_seconds": {"train": train, "sample": sample},
     }
-    case["train_share_of_peak"] = {n: g / peak for n, g in case["train_gflop_per_s"].items()}
-    return case
 
 
-def table(cases: list[dict], peaks: dict) -> str:
+def table(shapes: list[dict], peaks: dict) -> str:
     head = (
-        f"{'shape':>8} {'precision':>13} {'params ours/theirs':>19} "
-        f"{'train img/s ours/theirs':>24} {'speedup':>7} {'GFLOP/s ours/theirs (% peak)':>29} "
-        f"{'eval ms ours/theirs':>20} {'speedup':>7}"
+        f"{'shape':>8} {'net precision':>14} {'train img/s':>11} {'GFLOP/s':>8} "
+        f"{'% fp32 peak':>11} {'% bf16 peak':>11} {'eval ms':>8}"
     )
     lines = [head, "-" * len(head)]
-    for c in cases:
-        p, ips, g, share, ms = (
-            c["params"],
-            c["train_img_per_s"],
-            c["train_gflop_per_s"],
-            c["train_share_of_peak"],
-            c["sample_ms_per_eval"],
+    for c in shapes:
+        for k in c["train_img_per_s"]:
+            share = c["train_share_of_peak"][k]
+            lines.append(
+                f"{c['shape']:>8} {k:>14} {c['train_img_per_s'][k]:11.1f} "
+                f"{c['train_gflop_per_s'][k]:8.1f} {100 * share['fp32']:10.0f}% "
+                f"{100 * share['bf16']:10.0f}% {c['sample_ms_per_eval'][k]:8.1f}"
+            )
+    lines.append("")
+    lines.append("headline, best precision against best (median of per-repetition ratios):")
+    for c in shapes:
+        b = c["best"]
+        same = ", ".join(
+            f"{p} {c['train_speedup_same_precision'][p]:.2f}x/{c['sample_speedup_same_precision'][p]:.2f}x"
+            for p in c["train_speedup_same_precision"]
         )
         lines.append(
-            f"{c['shape']:>8} {c['precision']:>13} "
-            f"{p['ours'] / 1e6:8.3f}M/{p['theirs'] / 1e6:.3f}M "
-            f"{ips['ours']:11.1f} / {ips['theirs']:9.1f}  {c['train_speedup']:6.2f}x "
-            f"{g['ours']:7.1f} ({100 * share['ours']:3.0f}%) / {g['theirs']:6.1f} "
-            f"({100 * share['theirs']:3.0f}%)  "
-            f"{ms['ours']:8.1f} / {ms['theirs']:8.1f}  {c['sample_speedup']:6.2f}x"
+            f"  {c['shape']}: train {c['train_speedup_best']:.2f}x ({b['train']['ours']} vs "
+            f"{b['train']['theirs']}), eval {c['sample_speedup_best']:.2f}x "
+            f"({b['sample']['ours']} vs {b['sample']['theirs']}); same precision train/eval: {same}"
         )
     lines.append(
         "peaks (torch.mm): "
@@ -248,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     run_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16)
     print(
         f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads, CPU {cpu_name()}, "
         f"native bf16: {native_bf16}",
         flush=True,
     )
@@ -263,31 +351,31 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {v['gflop_per_s']:.1f} GFLOP/s" for k, v in peaks.items()),
         flush=True,
     )
-    precisions = [False, True] if run_bf16 else [False]
+    precisions = ["fp32", "bf16"] if run_bf16 else ["fp32"]
     if not run_bf16:
         print(
             "bf16 cases skipped: this CPU has no native bf16, so autocast would emulate it "
             "(--bf16 on to run them anyway)",
             flush=True,
         )
-    cases = []
-    for bf16 in precisions:
-        for in_channels in (1, 3):
-            peak = peaks["bf16" if bf16 else "fp32"]["gflop_per_s"]
-            case = run_case(in_channels, bf16, warmup, reps, peak)
-            cases.append(case)
-            print(
-                f"{case['shape']} {case['precision']}: train {case['train_speedup']:.2f}x, "
-                f"eval {case['sample_speedup']:.2f}x",
-                flush=True,
-            )
+    shapes = []
+    for in_channels in (1, 3):
+        shape = run_shape(in_channels, precisions, warmup, reps, peaks)
+        shapes.append(shape)
+        print(
+            f"{shape['shape']}: best vs best train {shape['train_speedup_best']:.2f}x, "
+            f"eval {shape['sample_speedup_best']:.2f}x",
+            flush=True,
+        )
     print()
-    print(table(cases, peaks))
+    print(f"CPU: {cpu_name()}")
+    print(table(shapes, peaks))
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/train_speed.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {
+            "cpu": cpu_name(),
             "platform": platform.platform(),
             "processor": platform.processor(),
             "threads": torch.get_num_threads(),
@@ -301,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "peaks": peaks,
         "ours": build_unet("small", in_channels=1, image_size=IMAGE_SIZE).config,
-        "cases": cases,
+        "shapes": shapes,
     }
     write_json(args.out, result)
     print(f"wrote {args.out}")
