@@ -113,7 +113,8 @@ def default_sample_batch(device: torch.device, kind: str) -> int:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux) and its matrix ISA, e.g. "... (AMX bf16)"."""
+    """The CPU's model name (from /proc/cpuinfo on Linux) and its vector/matrix ISA, e.g.
+    "Intel(R) Xeon(R) Processor (AVX512, AVX512-BF16, AMX; native bf16)"."""
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -121,8 +122,15 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 break
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{name} ({isa}{', native bf16' if native_bf16() else ''})"
+    features = [torch.backends.cpu.get_cpu_capability()]
+    cpu = torch.cpu
+    for label, check in (
+        ("AVX512-BF16", "_is_avx512_bf16_supported"),
+        ("AMX", "_is_amx_tile_supported"),
+    ):
+        if getattr(cpu, check, lambda: False)():
+            features.append(label)
+    return f"{name} ({', '.join(features)}{'; native bf16' if native_bf16() else ''})"
 
 
 def describe_device(device: torch.device) -> str:
