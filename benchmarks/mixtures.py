@@ -86,6 +86,53 @@ class DiagonalMixture:
         return model
 
 
+class ExactSlicedW:
+    """Sliced Wasserstein-1 from a sample to the mixture itself, with no reference sample.
+
+    Projected on a unit direction theta, a Gaussian mixture is the 1-D mixture
+    sum_k w_k N(theta . mu_k, theta^T Sigma_k theta), whose CDF F is a sum of erf terms. For a sample
+    of n points, W_1 = int_0^1 |Q_n(u) - F^{-1}(u)| du is taken on the n midpoints u_i = (i + 1/2) / n,
+    where Q_n(u_i) is the i-th sorted projection; F^{-1} is interpolated from F on a dense grid (361
+    points per component, +-9 std; error < 1e-3 of the narrowest std). A reference *sample* of size M
+    adds its own noise (~ M^-1/2) to every cell; this estimator has only the sample's own."""
+
+    def __init__(self, mixture, num_projections: int = 256, seed: int = 99) -> None:
+        g = torch.Generator().manual_seed(seed)
+        theta = torch.randn(mixture.dim, num_projections, dtype=_F64, generator=g)
+        self.theta = theta / theta.norm(dim=0, keepdim=True)
+        mean = (mixture.means @ self.theta).T  # [P, K]
+        if isinstance(mixture, DiagonalMixture):
+            var = (self.theta**2).T @ mixture.variances.T
+        else:
+            var = torch.einsum("dp,kde,ep->pk", self.theta, mixture.covs, self.theta)
+        std = var.sqrt()
+        z = torch.linspace(-9.0, 9.0, 361, dtype=_F64)
+        points = (mean[:, :, None] + std[:, :, None] * z).flatten(1).sort(dim=1).values
+        cdf = torch.zeros_like(points)
+        for k in range(mean.shape[1]):  # one component at a time: [P, K * 361] stays small
+            u = (points - mean[:, k : k + 1]) / (std[:, k : k + 1] * math.sqrt(2))
+            cdf += mixture.weights[k] * 0.5 * (1 + torch.erf(u))
+        self._points, self._cdf = points, cdf
+        self._quantiles: dict[int, Tensor] = {}
+
+    def quantiles(self, n: int) -> Tensor:
+        """F^{-1}((i + 1/2) / n) for every projection, [n, P] (cached per n)."""
+        if n not in self._quantiles:
+            u = (torch.arange(n, dtype=_F64) + 0.5) / n
+            rows = []
+            for cdf, points in zip(self._cdf, self._points, strict=True):
+                i = torch.searchsorted(cdf, u).clamp(1, len(cdf) - 1)
+                lo, hi = cdf[i - 1], cdf[i]
+                frac = (u - lo) / (hi - lo).clamp_min(1e-300)
+                rows.append(points[i - 1] + frac * (points[i] - points[i - 1]))
+            self._quantiles[n] = torch.stack(rows, 1)
+        return self._quantiles[n]
+
+    def __call__(self, x: Tensor) -> float:
+        projected = (x.to(_F64).flatten(1) @ self.theta).sort(dim=0).values
+        return float((projected - self.quantiles(len(projected))).abs().mean())
+
+
 @dataclass(frozen=True)
 class Member:
     name: str

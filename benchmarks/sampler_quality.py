@@ -2,11 +2,11 @@
 enough samples and seeds that the interval between seeds is smaller than the differences it reports.
 
 For each x_T seed, each cell draws ``--num`` images with one sampler (on the grid of the benchmark's
-table: ancestral/DDIM linspace, DPM-Solver++/UniPC log-SNR, Heun karras) from that seed, and computes
-FID and KID against the run's test split on the shipped domain classifier's features (or the FID
+table: ancestral/DDIM linspace, DPM-Solver++/UniPC log-SNR or logsnr_sparse, Heun karras) from that
+seed, and computes FID and KID against the run's test split on the shipped domain classifier's features (or the FID
 Inception network with ``--features inception``). Ancestral sampling on the full chain (T steps,
-usually 1000) from the same seeds is the reference row. For every cell: the mean over seeds and the 95% t-interval of
-that mean, and the same for the per-seed difference to the reference. ``train`` is the metric of
+usually 1000) from the same seeds is the reference row. For every cell: the mean over seeds and the 95%
+t-interval of that mean, and the same for the per-seed difference to the reference. ``train`` is the metric of
 ``--num`` real training images: what a perfect model would score under this protocol.
 
     python benchmarks/sampler_quality.py runs/digits --num 500 --seeds 1      # minutes, one CPU core
@@ -28,14 +28,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from ddpm.devices import PRECISIONS, autocast, resolve_precision  # noqa: E402
 from ddpm.evaluate import (  # noqa: E402
-    _load_split,
     classifier_extractor,
     image_metrics,
     inception_extractor,
     reference_features,
 )
-from ddpm.runs import build_schedule, load_run_model  # noqa: E402
+from ddpm.runs import build_schedule, load_data, load_run_model  # noqa: E402
 from ddpm.samplers import network_evaluations, sample, steps_for_evaluations  # noqa: E402
 
 # (label, sampler, options, grid), as in benchmarks/samplers.py
@@ -46,6 +46,8 @@ SAMPLERS = [
     ("dpm_solver++ 3M", "dpm_solver", {"order": 3}, "logsnr"),
     ("unipc-2", "unipc", {"order": 2}, "logsnr"),
     ("unipc-3", "unipc", {"order": 3}, "logsnr"),
+    ("dpm_solver++ 2M sparse", "dpm_solver", {"order": 2}, "logsnr_sparse"),
+    ("unipc-2 sparse", "unipc", {"order": 2}, "logsnr_sparse"),
     ("heun karras", "heun", {}, "karras"),
 ]
 # Two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n = 2..10 seeds).
@@ -73,6 +75,10 @@ def main() -> None:
                         "inception: --num)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--device", default="cpu", help="where the network runs (noise: CPU)")
+    parser.add_argument(
+        "--precision", default="fp32", choices=PRECISIONS,
+        help="the network's autocast precision, the same for every cell (default fp32)",
+    )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/sampler_quality.json")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -82,6 +88,12 @@ def main() -> None:
 
     model, config, ckpt = load_run_model(args.run)
     model = model.to(args.device)
+    precision = resolve_precision(args.precision, torch.device(args.device))
+
+    def network(x, t):
+        with autocast(torch.device(args.device), precision):
+            return model(x, t).float()
+
     schedule = build_schedule(config.diffusion)
     T = schedule.num_timesteps
     shape = tuple(ckpt.meta["data"]["sample_shape"])
@@ -89,7 +101,7 @@ def main() -> None:
         extractor = classifier_extractor(config.data.name, shape[-1])
     else:
         extractor = inception_extractor()
-    test = _load_split(config, "test")
+    test = load_data(config, "test")
     ref_num = args.ref_num or (len(test) if args.features == "classifier" else args.num)
     ref = reference_features(
         extractor,
@@ -100,7 +112,7 @@ def main() -> None:
         num=min(ref_num, len(test)),
         cache=None,
     )
-    train = _load_split(config, "train")
+    train = load_data(config, "train")
     floor = []
     for seed in range(args.seeds):
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
@@ -119,7 +131,7 @@ def main() -> None:
             for begin in range(0, args.num, args.batch_size):
                 n = min(args.batch_size, args.num - begin)
                 x = sample(
-                    model, schedule, (n, *shape), sampler=name, num_steps=steps, grid=grid,
+                    network, schedule, (n, *shape), sampler=name, num_steps=steps, grid=grid,
                     generator=gen, device=args.device, prediction=config.diffusion.prediction,
                     variance=config.diffusion.variance, clip_x0=True, **options,
                 ).x0  # fmt: skip
@@ -170,6 +182,7 @@ def main() -> None:
             "platform": platform.platform(),
             "threads": torch.get_num_threads(),
             "device": args.device,
+            "precision": precision,
         },  # fmt: skip
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,7 @@ def test_higher_order_dpm_solver_converges_to_the_full_chain_result(order):
         ("trailing", 49, 999),
         ("quadratic", 0, 999),
         ("logsnr", 0, 999),
+        ("logsnr_sparse", 0, 999),
         ("karras", 0, 999),
     ],
 )
@@ -163,8 +164,40 @@ def test_every_grid_has_distinct_ascending_steps_between_its_defined_ends(grid, 
 
 def test_grid_with_as_many_steps_as_the_chain_is_the_chain():
     s = NoiseSchedule.from_name("linear", 100)
-    for grid in ("linspace", "quadratic", "logsnr", "trailing", "leading", "karras"):
+    for grid in (
+        "linspace",
+        "quadratic",
+        "logsnr",
+        "logsnr_sparse",
+        "trailing",
+        "leading",
+        "karras",
+    ):
         assert torch.equal(timestep_grid(s, 100, grid), torch.arange(100)), grid
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_logsnr_sparse_grid_is_uniform_in_log_snr_above_minus_4_and_five_times_sparser_below(
+    schedule,
+):
+    s = NoiseSchedule.from_name(schedule, 1000)
+    log_snr = s.log_snr[timestep_grid(s, 40, "logsnr_sparse")].flip(0)  # from T-1 down to 0
+    gaps = log_snr.diff()
+    # Where the chain's own steps are fine (log-SNR -10..5; at either end one step of the chain can
+    # span more than a gap), the nearest steps land close to the uniform spacing of each part.
+    high = gaps[(log_snr[:-1] >= -4) & (log_snr[1:] <= 5)]
+    low = gaps[(log_snr[:-1] >= -10) & (log_snr[1:] <= -4)]
+    assert torch.allclose(high, high.median().expand_as(high), rtol=0.1)
+    assert abs(float(low.median() / high.median()) - 5) < 0.6
+    assert float(log_snr[0]) == float(s.log_snr[-1]) and float(log_snr[-1]) == float(s.log_snr[0])
+
+
+def test_logsnr_sparse_grid_converges_to_the_full_chain():
+    """Its largest log-SNR gap shrinks as the grid grows (a fixed first jump would not)."""
+    s = NoiseSchedule.from_name("linear", 1000)
+    widest = [float(s.log_snr[timestep_grid(s, k, "logsnr_sparse")].diff().abs().max())
+              for k in (10, 40, 160)]  # fmt: skip
+    assert widest[0] > 2 * widest[1] > 4 * widest[2]
 
 
 @pytest.mark.parametrize("steps", [0, -3, 1001, 2.5])

@@ -606,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid",
         metavar="NAME",
-        help="timestep grid for --steps: linspace, leading, trailing, quadratic, logsnr, karras "
-        "(default: linspace; logsnr for dpm_solver)",
+        help="timestep grid for --steps: linspace, leading, trailing, quadratic, logsnr, "
+        "logsnr_sparse, karras (default: linspace; logsnr_sparse for dpm_solver and unipc)",
     )
     _sampler_arguments(p)
     _device_option(p)
@@ -665,11 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--num", type=int, default=1000, metavar="N", help="number of samples (1000)")
     p.add_argument(
-        "--sampler", default="dpm_solver", help="ancestral, ddim, dpm_solver (default), unipc, heun"
+        "--sampler", default="unipc", help="ancestral, ddim, dpm_solver, unipc (default), heun"
     )
     p.add_argument("--steps", default="50", metavar="K|all", help="sampling steps (50)")
     p.add_argument(
-        "--grid", help="timestep grid (default: the sampler's; logsnr, trailing, linspace, ...)"
+        "--grid",
+        help="timestep grid (default: the sampler's; logsnr_sparse, logsnr, linspace, ...)",
     )
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument(
