@@ -112,9 +112,9 @@ def test_eval_images_writes_each_number_with_its_protocol(trained_run, tmp_path,
     p = r["protocol"]
     assert (p["num_samples"], p["sampler"], p["steps"], p["grid"], p["seed"]) == (
         40,
-        "unipc",
+        "dpm_solver",
         5,
-        "logsnr_sparse",
+        "logsnr",
         0,
     )
     c = r["classifier"]

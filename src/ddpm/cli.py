@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         metavar="NAME",
         help="timestep grid for --steps: linspace, leading, trailing, quadratic, logsnr, "
-        "logsnr_sparse, karras (default: linspace; logsnr_sparse for dpm_solver and unipc)",
+        "logsnr_sparse, karras (default: linspace; logsnr for dpm_solver and unipc)",
     )
     _sampler_arguments(p)
     _device_option(p)
@@ -665,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--num", type=int, default=1000, metavar="N", help="number of samples (1000)")
     p.add_argument(
-        "--sampler", default="unipc", help="ancestral, ddim, dpm_solver, unipc (default), heun"
+        "--sampler", default="dpm_solver", help="ancestral, ddim, dpm_solver (default), unipc, heun"
     )
     p.add_argument("--steps", default="50", metavar="K|all", help="sampling steps (50)")
     p.add_argument(

@@ -470,7 +470,7 @@ def eval_run(
     run_dir: str | Path,
     *,
     num: int = 1000,
-    sampler: str = "unipc",
+    sampler: str = "dpm_solver",
     steps: int | None = 50,
     grid: str | None = None,
     seed: int = 0,
@@ -500,8 +500,8 @@ def eval_run(
 
     Sampling goes through the run's one sampling path (``ddpm.runs.iter_samples``): every [sample]
     option of the run (eta, order, clip_x0, dynamic_threshold) applies unless ``sample_options``
-    overrides it; ``sampler``, ``steps`` and ``grid`` are this protocol's own (UniPC, 50 steps, the
-    sampler's default grid: the most accurate per evaluation in benchmarks/samplers.py).
+    overrides it; ``sampler``, ``steps`` and ``grid`` are this protocol's own (DPM-Solver++, 50 steps,
+    the sampler's default grid).
 
     Class-conditional runs: ``class_label`` c (index or name) draws every sample of class c, with
     classifier-free guidance at scale ``guidance`` (default 1), against the reference images of

@@ -693,14 +693,15 @@ GRIDS: dict[str, Callable[[NoiseSchedule, int], Tensor]] = {
 
 
 # The grid each sampler uses when none is named. Ancestral and DDIM: Improved DDPM's evenly spaced
-# respacing, which keeps both ends of the chain. DPM-Solver++ and UniPC: log-SNR spacing with the
-# low-SNR stretch 5x sparser ("logsnr_sparse"), the best of the grids for both at 5-20 evaluations on
-# every mixture of benchmarks/samplers.py and equal to "logsnr" from 50 on. Heun: EDM's own grid.
+# respacing, which keeps both ends of the chain. DPM-Solver++ and UniPC: uniform in log-SNR, where their
+# steps are defined ("logsnr_sparse" is better on every exact mixture of benchmarks/samplers.py at 5-20
+# evaluations but worse on a trained MNIST model, benchmarks/results/sampler_quality_mnist.json, so it
+# is not the default). Heun: EDM's own grid.
 DEFAULT_GRIDS = {
     "ancestral": "linspace",
     "ddim": "linspace",
-    "dpm_solver": "logsnr_sparse",
-    "unipc": "logsnr_sparse",
+    "dpm_solver": "logsnr",
+    "unipc": "logsnr",
     "heun": "karras",
 }
 
