@@ -49,6 +49,8 @@ SAMPLERS = [
     ("dpm_solver++ 2M sparse", "dpm_solver", {"order": 2}, "logsnr_sparse"),
     ("unipc-2 sparse", "unipc", {"order": 2}, "logsnr_sparse"),
     ("heun karras", "heun", {}, "karras"),
+    ("sde_dpm_solver++ 2M", "sde_dpm_solver", {"order": 2}, "logsnr"),
+    ("sde_dpm_solver++ 2M linspace", "sde_dpm_solver", {"order": 2}, "linspace"),
 ]
 # Two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n = 2..10 seeds).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -149,8 +151,32 @@ def main() -> None:
               f"KID {row['kid']:.4f}  ({seconds:.0f} s)")  # fmt: skip
         return row
 
+    def save(reference: dict, rows: list[dict]) -> None:
+        """The JSON so far, rewritten atomically after every cell: a long run killed late keeps its rows."""
+        out = {
+            "benchmark": "sampler_quality",
+            "command": "python benchmarks/sampler_quality.py " + args.run,
+            "args": vars(args),
+            "checkpoint_step": ckpt.step,
+            "data": config.data.name,
+            "train_images": {"fid_per_seed": floor},
+            "reference": reference,
+            "rows": rows,
+            "machine": {
+                "platform": platform.platform(),
+                "threads": torch.get_num_threads(),
+                "device": args.device,
+                "precision": precision,
+            },  # fmt: skip
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=2) + "\n")
+        tmp.replace(args.out)
+
     reference = cell("ancestral", "ancestral", {}, "linspace", T)
-    rows = []
+    rows: list[dict] = []
+    save(reference, rows)
     for label, name, options, grid in samplers:
         for k in budgets:
             row = cell(label, name, options, grid, steps_for_evaluations(name, k))
@@ -159,6 +185,7 @@ def main() -> None:
             )
             row |= {"budget": k, "fid_minus_reference": diff, "fid_minus_reference_ci95": diff_ci}
             rows.append(row)
+            save(reference, rows)
 
     print(
         f"\nFID on {args.features} features, mean +- 95% interval over {args.seeds} seeds; "
@@ -169,26 +196,6 @@ def main() -> None:
         cells = [r for r in rows if r["sampler"] == label]
         print(label.ljust(18) + "".join(f"{r['fid']:8.3f} +- {r['fid_ci95']:.3f}".rjust(20)
                                         for r in cells))  # fmt: skip
-    out = {
-        "benchmark": "sampler_quality",
-        "command": "python benchmarks/sampler_quality.py " + args.run,
-        "args": vars(args),
-        "checkpoint_step": ckpt.step,
-        "data": config.data.name,
-        "train_images": {"fid_per_seed": floor},
-        "reference": reference,
-        "rows": rows,
-        "machine": {
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-            "device": args.device,
-            "precision": precision,
-        },  # fmt: skip
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(args.out)
     print(f"\nwrote {args.out}")
 
 

@@ -59,6 +59,7 @@ SAMPLERS = [
     ("unipc-2 quadratic", "unipc", {"order": 2}, "quadratic"),
     ("unipc-2 karras", "unipc", {"order": 2}, "karras"),
     ("heun karras", "heun", {}, "karras"),
+    ("sde_dpm_solver++ 2M", "sde_dpm_solver", {"order": 2}, "logsnr"),
 ]
 # Not in the default list (a --quick run of 2026-11-30 had them no better than bh2 at 20-50 NFE and
 # worse at 5-10); select with --samplers.

@@ -215,7 +215,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "unipc"])
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "sde_dpm_solver", "unipc"])
 def test_a_cpu_generator_gives_the_same_samples_on_every_device(device, sampler):
     # x_T and every reverse-step z are drawn on the generator's device, then moved to the data's.
     s = NoiseSchedule.from_name("linear", 50)

@@ -30,6 +30,8 @@ from ddpm.samplers import (
     heun_step,
     network_evaluations,
     sample,
+    sde_dpm_solver_sample,
+    sde_dpm_solver_step,
     steps_for_evaluations,
     timestep_grid,
     unipc_correct,
@@ -246,3 +248,91 @@ def test_unipc_refuses_a_bad_option(options, match):
     s = NoiseSchedule.from_name("linear", 100)
     with pytest.raises(ValueError, match=match):
         sample(lambda x, t: x, s, (2, 2), sampler="unipc", num_steps=5, **options)
+
+
+# ------------------------------------------------------------------ SDE-DPM-Solver++ (stochastic)
+
+
+@pytest.mark.parametrize("grid", ["linspace", "logsnr"])
+def test_sde_dpm_solver_of_order_one_is_ancestral_sampling(grid):
+    # Its order-1 coefficients are the posterior q(x_{i-1} | x_i, x_0) on the grid, and it draws its
+    # noise in the ancestral sampler's order, so a seed gives the same samples.
+    s = NoiseSchedule.from_name("linear", 200)
+    model = lambda x, t: torch.tanh(x) * (t[:, None] / 200.0)  # noqa: E731  any smooth "network"
+    runs = [
+        sample(model, s, (64, 2), sampler=name, num_steps=12, grid=grid, dtype=torch.float64,
+               generator=torch.Generator().manual_seed(3), **options).x0
+        for name, options in (("ancestral", {}), ("sde_dpm_solver", {"order": 1}))
+    ]  # fmt: skip
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_loop_of_sde_dpm_solver_steps_is_the_sampler():
+    r = respace(FULL, timestep_grid(FULL, 9, "linspace"))
+    g, x, preds = torch.Generator().manual_seed(0), X_T, []
+    for i in range(r.num_timesteps - 1, -1, -1):
+        preds.append(_denoise(r, x, i))
+        if i > 0:
+            noise = torch.randn(x.shape, generator=g, dtype=x.dtype)
+            x = sde_dpm_solver_step(r, i, x, preds[-2:], noise, order=min(2, len(preds), i))
+    out = sde_dpm_solver_sample(
+        gaussian_eps, r, X_T, order=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(preds[-1], out.x0)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
+def test_dpm_solver_2m_matches_diffusers(algorithm):
+    # Without lower-order final steps: diffusers lowers the order one step later than DPM-Solver's own
+    # code, which ours follows (its last step *to index 0* is first order; diffusers' is the jump to x_0).
+    diffusers = pytest.importorskip("diffusers")
+    T, K = 1000, 12
+    s = NoiseSchedule.from_name("linear", T)
+    theirs = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, algorithm_type=algorithm, solver_order=2, lower_order_final=False
+    )
+    grid = timestep_grid(s, K, "logsnr")
+    theirs.set_timesteps(timesteps=grid.flip(0).tolist())
+
+    def eps(x, t):  # E[eps | x_t] of N(0.7, 0.5^2) data on this chain
+        ab = s.alpha_bar[t.cpu()].reshape(-1, 1).to(x)
+        return (1 - ab).sqrt() * (x - ab.sqrt() * MU) / (ab * S2 + 1 - ab)
+
+    x_T = torch.linspace(-3, 3, 16, dtype=torch.float64)[:, None]
+    ours_sampler = sde_dpm_solver_sample if algorithm.startswith("sde") else dpm_solver_sample
+    ours = ours_sampler(eps, respace(s, grid), x_T, order=2, lower_order_final=False,
+                        generator=torch.Generator().manual_seed(4)).x0  # fmt: skip
+    g, x = torch.Generator().manual_seed(4), x_T.float()
+    for j, t in enumerate(theirs.timesteps):
+        noise = None
+        if algorithm.startswith("sde") and j < len(theirs.timesteps) - 1:
+            noise = torch.randn(x.shape, generator=g, dtype=torch.float64).float()
+        out = eps(x.double(), t.expand(len(x))).float()
+        x = theirs.step(out, t, x, variance_noise=noise).prev_sample
+    # diffusers keeps its chain in float32: agreement to its rounding.
+    torch.testing.assert_close(ours.float(), x, rtol=2e-4, atol=2e-4)
+
+
+def test_sde_dpm_solver_2m_samples_a_gaussian_with_its_mean_and_variance():
+    # Gaussian data, exact denoiser: the samples' mean and variance converge to the data's. A wrong noise
+    # scale or drift coefficient misses the variance by far more than the Monte Carlo tolerance.
+    r = respace(FULL, timestep_grid(FULL, 161, "linspace"))
+    g = torch.Generator().manual_seed(1)
+    n = 40_000
+    x_T = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    x = sde_dpm_solver_sample(gaussian_eps, r, x_T, order=2, generator=g).x0
+    assert abs(x.mean().item() - MU) < 4 * math.sqrt(S2 / n) + 0.005
+    assert abs(x.var().item() / S2 - 1) < 4 * math.sqrt(2 / n) + 0.01
+
+
+def test_sde_dpm_solver_2m_misses_the_variance_by_less_than_first_order():
+    # First order (= ancestral sampling) loses variance in proportion to the step: E[x_0 | x_i] replaces
+    # the spread of x_0 given x_i. From the same noise, 2M's error is a fraction of it.
+    r = respace(FULL, timestep_grid(FULL, 41, "linspace"))
+    errors = []
+    for order in (1, 2):
+        g = torch.Generator().manual_seed(2)
+        x_T = torch.randn(20_000, 1, generator=g, dtype=torch.float64)
+        x = sde_dpm_solver_sample(gaussian_eps, r, x_T, order=order, generator=g).x0
+        errors.append(abs(x.var().item() / S2 - 1))
+    assert errors[0] > 0.1 and errors[1] < errors[0] / 4, errors

@@ -366,7 +366,10 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     """Options that override the run's [sample] section (default: the run's value)."""
     p.add_argument("--eta", type=float, metavar="E", help="DDIM noise: 0 (default) .. 1")
     p.add_argument(
-        "--order", type=int, metavar="K", help="DPM-Solver++ / UniPC order: 1, 2 (default), 3"
+        "--order",
+        type=int,
+        metavar="K",
+        help="DPM-Solver++ / UniPC order: 1, 2 (default), 3; SDE-DPM-Solver++: 1, 2",
     )
     p.add_argument(
         "--no-clip", action="store_true", help="do not clamp the x_0 prediction to [-1, 1]"
@@ -601,13 +604,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sampler",
         metavar="NAME",
-        help="ancestral (default), ddim, dpm_solver (DPM-Solver++), unipc, heun (EDM)",
+        help="ancestral (default), ddim, dpm_solver (DPM-Solver++), sde_dpm_solver (its stochastic "
+        "form), unipc, heun (EDM)",
     )
     p.add_argument(
         "--grid",
         metavar="NAME",
         help="timestep grid for --steps: linspace, leading, trailing, quadratic, logsnr, "
-        "logsnr_sparse, karras (default: linspace; logsnr for dpm_solver and unipc)",
+        "logsnr_sparse, karras (default: linspace; logsnr for dpm_solver, sde_dpm_solver and unipc)",
     )
     _sampler_arguments(p)
     _device_option(p)
@@ -665,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--num", type=int, default=1000, metavar="N", help="number of samples (1000)")
     p.add_argument(
-        "--sampler", default="dpm_solver", help="ancestral, ddim, dpm_solver (default), unipc, heun"
+        "--sampler",
+        default="dpm_solver",
+        help="ancestral, ddim, dpm_solver (default), sde_dpm_solver, unipc, heun",
     )
     p.add_argument("--steps", default="50", metavar="K|all", help="sampling steps (50)")
     p.add_argument(
