@@ -61,10 +61,19 @@ def test_auto_precision_is_bf16_exactly_where_it_is_native(monkeypatch):
     assert resolve_precision("auto", cpu) == "fp32"
 
 
+def test_auto_precision_keeps_the_points_mlp_in_fp32(monkeypatch):
+    monkeypatch.setattr("ddpm.devices.native_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu"), images=False) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu"), images=False) == "bf16"
+
+
+def test_a_run_saved_before_train_precision_keeps_the_precision_it_trained_in():
+    assert merge_config(RunConfig(), {"train": {"bf16": False}}).train.precision == "fp32"
+
+
 def test_a_run_saved_with_the_old_bf16_flag_reads_as_precision_bf16():
     config = merge_config(RunConfig(), {"train": {"bf16": True}}, "an old config.json")
     assert config.train.precision == "bf16"
-    assert merge_config(RunConfig(), {"train": {"bf16": False}}).train.precision == "fp32"
 
 
 def test_draws_of_t_and_eps_are_the_same_numbers_on_every_device(device):

@@ -45,6 +45,7 @@ from ddpm.samplers import (
     euler_step,
     heun_step,
     sample,
+    sde_dpm_solver_step,
     unipc_correct,
     unipc_step,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "q_step",
     "respace",
     "sample",
+    "sde_dpm_solver_step",
     "sdedit",
     "simple_loss",
     "slerp",

@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         dest="train.precision",
         metavar="P",
-        help="fp32 (default), bf16, fp16 (CUDA), auto (bf16 where native)",
+        help="auto (default: bf16 where native, else fp32), fp32, bf16, fp16 (CUDA)",
     )
     opt(
         "--bf16",

@@ -207,8 +207,10 @@ class TrainConfig:
     # 2022), so that one network learns the conditional and the unconditional model
     cond_drop: float = 0.1
     hflip: bool = False  # random horizontal flips of training images (Ho et al. on CIFAR-10)
-    # autocast of the network: fp32, bf16, fp16 (CUDA) or auto (bf16 where native); see ddpm.devices
-    precision: str = "fp32"
+    # autocast of the network: fp32, bf16, fp16 (CUDA) or auto (bf16 where native; see ddpm.devices).
+    # auto is the default: on MNIST at 25 CPU-minutes bf16 took 1.7x the steps and reached FID 13 where
+    # fp32 reached 33 (README, "Precision").
+    precision: str = "auto"
     compile: bool = False  # torch.compile the network for training
     seed: int = 0
     log_every: int = 50
@@ -392,8 +394,8 @@ def merge_config(
             raise ConfigError(f"'{name}' in {where} must be a table ([{name}]), got {values!r}")
         if name == "train" and "bf16" in values:  # runs and files from before train.precision
             values = dict(values)
-            if values.pop("bf16") is True:
-                values.setdefault("precision", "bf16")
+            # they trained in fp32 unless the flag was on: a resumed run keeps its precision
+            values.setdefault("precision", "bf16" if values.pop("bf16") is True else "fp32")
         sections[name] = _replace_section(getattr(config, name), values, name, where)
     return dataclasses.replace(config, **sections)
 

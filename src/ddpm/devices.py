@@ -67,10 +67,16 @@ def native_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """The concrete precision ("fp32", "bf16" or "fp16") of a --precision value on a device."""
+def resolve_precision(name: str, device: torch.device, *, images: bool = True) -> str:
+    """The concrete precision ("fp32", "bf16" or "fp16") of a --precision value on a device.
+
+    "auto" is bf16 for image networks where the device computes it natively, fp32 otherwise -- and
+    fp32 for the 2-D points MLP (``images=False``), whose few small matmuls bf16 does not speed up
+    but whose low-noise steps need the digits."""
     if name not in PRECISIONS:
         raise ConfigError(f"unknown precision {name!r}; known: {', '.join(PRECISIONS)}")
+    if name == "auto" and not images:
+        return "fp32"
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

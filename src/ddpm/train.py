@@ -334,7 +334,7 @@ def _setup(
     cfg_path = run_dir / CONFIG_FILE
     sample_shape = tuple(int(s) for s in dataset.sample_shape)
     tc, dfc = config.train, config.diffusion
-    precision = resolve_precision(tc.precision, device)
+    precision = resolve_precision(tc.precision, device, images=dataset.kind == "image")
     resumed = latest_checkpoint(run_dir) if cfg_path.is_file() else None
     torch.manual_seed(tc.seed)  # network initialisation (on the CPU: the same on every device)
     if resumed is not None:  # the network the checkpoint holds (an imported one may be no preset)
