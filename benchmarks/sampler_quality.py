@@ -65,6 +65,19 @@ def interval(values: list[float]) -> tuple[float, float]:
     return m, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def _saved_reference(args: argparse.Namespace, step: int, precision: str) -> dict:
+    """The reference row of ``args.reference``, refused unless it was made under the same protocol."""
+    saved = json.loads(Path(args.reference).read_text())
+    same = {"run": args.run, "num": args.num, "seeds": args.seeds, "batch_size": args.batch_size,
+            "features": args.features}  # fmt: skip
+    theirs = {k: saved["args"][k] for k in same} | {"step": saved["checkpoint_step"],
+                                                      "precision": saved["machine"]["precision"]}  # fmt: skip
+    if theirs != same | {"step": step, "precision": precision}:
+        raise SystemExit(f"--reference {args.reference} was made under another protocol: {theirs}")
+    print(f"reference row from {args.reference}: FID {saved['reference']['fid']:.3f}")
+    return saved["reference"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a trained run directory (an image data set with a classifier)")
@@ -80,6 +93,11 @@ def main() -> None:
     parser.add_argument(
         "--precision", default="fp32", choices=PRECISIONS,
         help="the network's autocast precision, the same for every cell (default fp32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reference", metavar="JSON",
+        help="reuse the T-step reference row of an earlier run's JSON (same run, --num, --seeds, "
+        "--precision, --batch-size) instead of sampling it again",
     )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/sampler_quality.json")
     args = parser.parse_args()
@@ -174,7 +192,11 @@ def main() -> None:
         tmp.write_text(json.dumps(out, indent=2) + "\n")
         tmp.replace(args.out)
 
-    reference = cell("ancestral", "ancestral", {}, "linspace", T)
+    reference = (
+        _saved_reference(args, ckpt.step, precision)
+        if args.reference
+        else cell("ancestral", "ancestral", {}, "linspace", T)
+    )
     rows: list[dict] = []
     save(reference, rows)
     for label, name, options, grid in samplers:

@@ -49,7 +49,7 @@ def test_train_then_info_then_sample(tmp_path, fast_toml, capsys):
     assert main(["sample", str(run), "--num", "4", "--out", str(tmp_path / "gen"), "-q"]) == 0
     out = capsys.readouterr().out
     assert "samples:" in out
-    with np.load(tmp_path / "gen" / "step_0000005_seed0.npz") as f:
+    with np.load(tmp_path / "gen" / "step_0000005_seed0_sde_dpm_solver4.npz") as f:
         assert f["images"].shape == (4, 8, 8, 1)
 
 
@@ -65,8 +65,8 @@ def test_sample_twice_with_one_seed_gives_identical_arrays(trained_run, tmp_path
         args = ["sample", str(trained_run), "--num", "4", "--steps", "3", "--seed", "7"]
         assert main([*args, "--out", str(tmp_path / name), "-q"]) == 0
     with (
-        np.load(tmp_path / "a" / "step_0000030_seed7.npz") as a,
-        np.load(tmp_path / "b" / "step_0000030_seed7.npz") as b,
+        np.load(tmp_path / "a" / "step_0000030_seed7_sde_dpm_solver3.npz") as a,
+        np.load(tmp_path / "b" / "step_0000030_seed7_sde_dpm_solver3.npz") as b,
     ):
         assert np.array_equal(a["x0"], b["x0"]) and np.array_equal(a["images"], b["images"])
 
@@ -74,7 +74,7 @@ def test_sample_twice_with_one_seed_gives_identical_arrays(trained_run, tmp_path
 def test_sample_raw_weights_and_trajectory(trained_run, tmp_path, capsys):
     args = ["sample", str(trained_run), "--num", "2", "--steps", "3", "--raw", "--trajectory"]
     assert main([*args, "--out", str(tmp_path), "-q"]) == 0
-    assert (tmp_path / "step_0000030_seed0_raw_trajectory.png").is_file()
+    assert (tmp_path / "step_0000030_seed0_sde_dpm_solver3_raw_trajectory.png").is_file()
 
 
 def test_forward_writes_a_picture(tmp_path, capsys):
@@ -182,7 +182,7 @@ def test_console_script_info_and_error(trained_run, tmp_path):
             ["--sampler", "dpm_solver", "--steps", "4", "--order", "3", "--grid", "trailing"],
             "_dpm_solver4",
         ),
-        (["--steps", "3", "--dynamic-threshold", "0.99"], ""),
+        (["--steps", "3", "--dynamic-threshold", "0.99"], "_sde_dpm_solver3"),
     ],
 )
 def test_sample_with_a_chosen_sampler_and_grid(trained_run, tmp_path, capsys, flags, tag):

@@ -112,7 +112,7 @@ def test_eval_images_writes_each_number_with_its_protocol(trained_run, tmp_path,
     p = r["protocol"]
     assert (p["num_samples"], p["sampler"], p["steps"], p["grid"], p["seed"]) == (
         40,
-        "dpm_solver",
+        "sde_dpm_solver",
         5,
         "logsnr",
         0,

@@ -56,8 +56,9 @@ def test_sample_and_eval_both_honour_the_runs_sample_section(
     sample_run(run_with_sample_options, num=4, steps=5, out_dir=tmp_path / "s", progress=False)
     eval_run(run_with_sample_options, num=20, steps=5, out_dir=tmp_path / "e", progress=False)
     assert len(spy_sampler) == 2
+    # the sampler: the run's for ddpm sample, the evaluation protocol's own default for ddpm eval
+    assert [kwargs["sampler"] for kwargs in spy_sampler] == ["dpm_solver", "sde_dpm_solver"]
     for kwargs in spy_sampler:
-        assert kwargs["sampler"] == "dpm_solver"
         assert kwargs["order"] == 3
         assert kwargs["clip_x0"] is False
         assert kwargs["dynamic_threshold"] == 0.9
@@ -82,7 +83,7 @@ def test_eval_options_override_the_run(run_with_sample_options, spy_sampler, tmp
 def test_training_previews_use_the_same_path(make_config, spy_sampler, tmp_path):
     train(make_config(steps=2), tmp_path / "run", progress=False, verbose=False)
     assert len(spy_sampler) == 1  # the final picture
-    assert spy_sampler[0]["clip_x0"] is True and spy_sampler[0]["sampler"] == "ancestral"
+    assert spy_sampler[0]["clip_x0"] is True and spy_sampler[0]["sampler"] == "sde_dpm_solver"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,3 +177,22 @@ def test_the_lock_of_a_killed_trainer_is_released_by_the_kernel(make_config, tmp
     time.sleep(0.1)
     result = train(make_config(steps=1), run, progress=False, verbose=False)
     assert result.step == 1
+
+
+def test_a_new_run_samples_with_sde_dpm_solver_on_50_points_capped_at_a_shorter_chain(
+    make_config, spy_sampler, tmp_path
+):
+    import dataclasses
+
+    from ddpm.config import DiffusionConfig, SampleConfig
+
+    config = dataclasses.replace(
+        make_config(steps=2),
+        diffusion=DiffusionConfig(num_timesteps=30),
+        sample=SampleConfig(num=4),
+    )
+    train(config, tmp_path / "run", progress=False, verbose=False)
+    out = sample_run(tmp_path / "run", progress=False)
+    assert out.npz.name.endswith("_sde_dpm_solver30.npz")  # min(50, T = 30) points
+    assert spy_sampler[-1]["sampler"] == "sde_dpm_solver"
+    assert SampleConfig().steps == 50

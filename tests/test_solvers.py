@@ -281,15 +281,16 @@ def test_a_loop_of_sde_dpm_solver_steps_is_the_sampler():
     assert torch.equal(preds[-1], out.x0)
 
 
+@pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
-def test_dpm_solver_2m_matches_diffusers(algorithm):
+def test_dpm_solver_matches_diffusers(algorithm, order):
     # Without lower-order final steps: diffusers lowers the order one step later than DPM-Solver's own
     # code, which ours follows (its last step *to index 0* is first order; diffusers' is the jump to x_0).
     diffusers = pytest.importorskip("diffusers")
     T, K = 1000, 12
     s = NoiseSchedule.from_name("linear", T)
     theirs = diffusers.DPMSolverMultistepScheduler(
-        num_train_timesteps=T, algorithm_type=algorithm, solver_order=2, lower_order_final=False
+        num_train_timesteps=T, algorithm_type=algorithm, solver_order=order, lower_order_final=False
     )
     grid = timestep_grid(s, K, "logsnr")
     theirs.set_timesteps(timesteps=grid.flip(0).tolist())
@@ -300,7 +301,7 @@ def test_dpm_solver_2m_matches_diffusers(algorithm):
 
     x_T = torch.linspace(-3, 3, 16, dtype=torch.float64)[:, None]
     ours_sampler = sde_dpm_solver_sample if algorithm.startswith("sde") else dpm_solver_sample
-    ours = ours_sampler(eps, respace(s, grid), x_T, order=2, lower_order_final=False,
+    ours = ours_sampler(eps, respace(s, grid), x_T, order=order, lower_order_final=False,
                         generator=torch.Generator().manual_seed(4)).x0  # fmt: skip
     g, x = torch.Generator().manual_seed(4), x_T.float()
     for j, t in enumerate(theirs.timesteps):

@@ -369,7 +369,7 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
         "--order",
         type=int,
         metavar="K",
-        help="DPM-Solver++ / UniPC order: 1, 2 (default), 3; SDE-DPM-Solver++: 1, 2",
+        help="DPM-Solver++ (ODE and SDE) / UniPC order: 1, 2 (default), 3",
     )
     p.add_argument(
         "--no-clip", action="store_true", help="do not clamp the x_0 prediction to [-1, 1]"
@@ -599,19 +599,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples drawn at once (default 250 on CPU, 1000 on CUDA)",
     )
     p.add_argument(
-        "--steps", type=int, metavar="K", help="respaced chain of K steps (default: all T)"
+        "--steps",
+        type=int,
+        metavar="K",
+        help="respaced chain of K steps (default: 50, or all T if fewer)",
     )
     p.add_argument(
         "--sampler",
         metavar="NAME",
-        help="ancestral (default), ddim, dpm_solver (DPM-Solver++), sde_dpm_solver (its stochastic "
-        "form), unipc, heun (EDM)",
+        help="sde_dpm_solver (default: SDE-DPM-Solver++ 2M), ancestral, ddim, dpm_solver "
+        "(DPM-Solver++), unipc, heun (EDM)",
     )
     p.add_argument(
         "--grid",
         metavar="NAME",
         help="timestep grid for --steps: linspace, leading, trailing, quadratic, logsnr, "
-        "logsnr_sparse, karras (default: linspace; logsnr for dpm_solver, sde_dpm_solver and unipc)",
+        "logsnr_sparse, karras (default: logsnr for dpm_solver, sde_dpm_solver and unipc; "
+        "linspace for ancestral and ddim)",
     )
     _sampler_arguments(p)
     _device_option(p)
@@ -670,8 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=1000, metavar="N", help="number of samples (1000)")
     p.add_argument(
         "--sampler",
-        default="dpm_solver",
-        help="ancestral, ddim, dpm_solver (default), sde_dpm_solver, unipc, heun",
+        default="sde_dpm_solver",
+        help="sde_dpm_solver (default), ancestral, ddim, dpm_solver, unipc, heun",
     )
     p.add_argument("--steps", default="50", metavar="K|all", help="sampling steps (50)")
     p.add_argument(

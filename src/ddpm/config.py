@@ -43,6 +43,9 @@ FALLBACK_LR = 2e-4
 SPLITS = ("train", "test", "all")
 LOSSES = ("simple", "hybrid", "vlb")
 TIMESTEP_SAMPLERS = ("uniform", "importance")
+# [sample] steps of a new run (capped at T). Runs saved before 2026-12-01 have steps = null, the full
+# chain, with the ancestral sampler: they sample as they always did.
+DEFAULT_SAMPLE_STEPS = 50
 
 
 def _positive_int(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -250,15 +253,20 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SampleConfig:
     """Defaults for ``ddpm sample`` (and the picture at the end of training): how many (None: 64 images
-    or 2000 points), how many steps (None: the full chain of T steps), which sampler on which grid
-    (None: the sampler's default, ``ddpm.samplers.DEFAULT_GRIDS``)."""
+    or 2000 points), how many steps (None: the full chain of T steps; more than T: T),
+    which sampler on which grid (None: the sampler's default, ``ddpm.samplers.DEFAULT_GRIDS``).
+
+    The default sampler is SDE-DPM-Solver++ 2M on 50 log-SNR points: on a trained MNIST model it
+    matches the 1000-step chain's FID from 20 points on while the ODE solvers stay 2.5x worse at any
+    step count, and on the exact mixtures it is the best sampler at 50 evaluations (README, "Sampler
+    accuracy")."""
 
     num: int | None = None
-    steps: int | None = None
-    sampler: str = "ancestral"
+    steps: int | None = DEFAULT_SAMPLE_STEPS
+    sampler: str = "sde_dpm_solver"
     grid: str | None = None
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
-    order: int = 2  # DPM-Solver++ only: 1, 2 or 3
+    order: int = 2  # DPM-Solver++ (ODE and SDE) and UniPC: 1, 2 or 3
     seed: int = 0
     use_ema: bool = True
     clip_x0: bool = True  # images: clamp the x_0 prediction to [-1, 1]

@@ -470,7 +470,7 @@ def eval_run(
     run_dir: str | Path,
     *,
     num: int = 1000,
-    sampler: str = "dpm_solver",
+    sampler: str = "sde_dpm_solver",
     steps: int | None = 50,
     grid: str | None = None,
     seed: int = 0,

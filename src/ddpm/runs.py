@@ -457,9 +457,9 @@ def sample_run(
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
     run = load_run(run_dir, use_ema=sc.use_ema, device=device)
     schedule, shape, T = run.schedule, run.sample_shape, run.schedule.num_timesteps
-    num_steps = T if sc.steps is None else sc.steps
-    if num_steps > T:
-        raise ConfigError(f"steps must be at most T={T}, got {num_steps}")
+    if steps is not None and steps > T:
+        raise ConfigError(f"steps must be at most T={T}, got {steps}")
+    num_steps = T if sc.steps is None else min(sc.steps, T)  # the [sample] default may exceed T
     names = run.checkpoint.meta.get("data", {}).get("class_names")
     label = parse_class(sc.class_label if class_label is None else class_label, names)
     if label is None and guidance is not None:

@@ -307,20 +307,20 @@ def sde_dpm_solver_step(
     order: int,
 ) -> Tensor:
     """One SDE-DPM-Solver++ multistep update (Lu et al. 2022, sec. 5 and Appendix; diffusers'
-    "sde-dpmsolver++", midpoint) from grid index i to i - 1, with D_0 = x0_preds[-1] (at i), D_1 =
-    x0_preds[-2] (at i + 1) and ``noise`` ~ N(0, I) of x's shape. With h = lambda_{i-1} - lambda_i:
+    "sde-dpmsolver++", midpoint at order 2) from grid index i to i - 1, with D_0 = x0_preds[-1] (at
+    i), D_1 = x0_preds[-2] (at i + 1), D_2 = x0_preds[-3] and ``noise`` ~ N(0, I) of x's shape. With
+    h = lambda_{i-1} - lambda_i and k = 1 - e^{-2h}:
 
-      (1) x_{i-1} = (sigma_{i-1} / sigma_i) e^{-h} x + alpha_{i-1} (1 - e^{-2h}) D_0
-                    + sigma_{i-1} sqrt(1 - e^{-2h}) noise
-      (2) order 2 adds alpha_{i-1} (1 - e^{-2h}) (D_0 - D_1) / (2 r0),   r0 = h_1 / h.
+      (1) x_{i-1} = (sigma_{i-1} / sigma_i) e^{-h} x + alpha_{i-1} k D_0 + sigma_{i-1} sqrt(k) noise
+      (2) order 2 adds alpha_{i-1} k (D_0 - D_1) / (2 r0),   r0 = h_1 / h;
+      (3) order 3 adds alpha_{i-1} ((k / (-2h) + 1) first + ((k - 2h) / (2h)^2 - 1/2) second), with
+          the first and second divided differences of ``dpm_solver_step``'s order 3 (as diffusers).
 
     Order 1 *is* ancestral sampling with x_0 = D_0: the coefficients are those of the posterior
     q(x_{i-1} | x_i, x_0) on the grid, e^{-2h} = (alpha_i sigma_{i-1} / (sigma_i alpha_{i-1}))^2. The
     noise the stochastic steps inject corrects part of the network's own error, which the probability-
     flow ODE solvers carry to the end. At i = 0 the update is D_0 (the final denoising step, no noise).
     """
-    if order not in (1, 2):
-        raise ValueError(f"SDE-DPM-Solver++ order must be 1 or 2, got {order!r}")
     _check_step(schedule, i, x0_preds, order)
     d = x0_preds[-1]
     if i == 0:
@@ -334,9 +334,18 @@ def sde_dpm_solver_step(
     h = lam[i - 1].item() - lam[i].item()
     keep = -math.expm1(-2 * h)  # 1 - e^{-2h}
     x_u = (s_u / s_s * math.exp(-h)) * x + (a_u * keep) * d + (s_u * math.sqrt(keep)) * noise
-    if order == 2:
+    if order >= 2:
         r0 = (lam[i].item() - lam[i + 1].item()) / h
-        x_u = x_u + (0.5 * a_u * keep / r0) * (d - x0_preds[-2])
+        d1_0 = (d - x0_preds[-2]) / r0
+        if order == 2:
+            x_u = x_u + (0.5 * a_u * keep) * d1_0
+        else:
+            r1 = (lam[i + 1].item() - lam[i + 2].item()) / h
+            d1_1 = (x0_preds[-2] - x0_preds[-3]) / r1
+            first = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            second = (d1_0 - d1_1) / (r0 + r1)
+            x_u = x_u + (a_u * (keep / (-2 * h) + 1.0)) * first
+            x_u = x_u + (a_u * ((keep - 2 * h) / (2 * h) ** 2 - 0.5)) * second
     return x_u
 
 
@@ -356,20 +365,20 @@ def sde_dpm_solver_sample(
     record: Sequence[int] = (),
     progress: bool = False,
 ) -> SamplerOutput:
-    """SDE-DPM-Solver++ (1 or 2M) on the grid: ``sde_dpm_solver_step`` at every point with the model's x0
+    """SDE-DPM-Solver++ (1, 2M or 3M) on the grid: ``sde_dpm_solver_step`` at every point with the model's x0
     prediction there and fresh noise (drawn like the ancestral sampler's: on the generator's device).
     Orders warm up and, with ``lower_order_final`` and fewer than 15 points, come down at the end, as
     in ``dpm_solver_sample``. Order 1 is the ancestral sampler with the posterior's variance
     (fixed_small), whatever ``variance`` says; a learned variance's channels are dropped."""
-    if order not in (1, 2):
-        raise ValueError(f"SDE-DPM-Solver++ order must be 1 or 2, got {order}")
+    if order not in (1, 2, 3):
+        raise ValueError(f"SDE-DPM-Solver++ order must be 1, 2 or 3, got {order}")
     T = schedule.num_timesteps
     denoise = _denoiser(model, schedule, prediction, variance, clip_x0, dynamic_threshold)
     x0_preds: list[Tensor] = []
 
     def update(i, t, t_model, x):
         x0_preds.append(denoise(x, t, t_model).x0_pred)
-        del x0_preds[:-2]
+        del x0_preds[:-3]
         k = min(order, len(x0_preds))
         if lower_order_final and T < 15:
             k = min(k, max(i, 1))
@@ -778,8 +787,8 @@ GRIDS: dict[str, Callable[[NoiseSchedule, int], Tensor]] = {
 
 
 # The grid each sampler uses when none is named. Ancestral and DDIM: Improved DDPM's evenly spaced
-# respacing, which keeps both ends of the chain. DPM-Solver++ and UniPC: uniform in log-SNR, where their
-# steps are defined ("logsnr_sparse" is better on every exact mixture of benchmarks/samplers.py at 5-20
+# respacing, which keeps both ends of the chain. DPM-Solver++ (ODE and SDE) and UniPC: uniform in
+# log-SNR, where their steps are defined ("logsnr_sparse" is better on every exact mixture of benchmarks/samplers.py at 5-20
 # evaluations but worse on a trained MNIST model, benchmarks/results/sampler_quality_mnist.json, so it
 # is not the default). Heun: EDM's own grid.
 DEFAULT_GRIDS = {
