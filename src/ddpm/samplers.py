@@ -239,21 +239,56 @@ def dpm_solver_step(
     phi_1 = math.expm1(-h)
     x_u = (s_u / s_s) * x - a_u * phi_1 * d  # (1)
     if order >= 2:
-        d1, lam_1 = x0_preds[-2], lam[i + 1].item()
-        r0 = (lam_s - lam_1) / h
-        d1_0 = (d - d1) / r0
+        d1_0, first, second = _differences(lam, i, x0_preds, h, order)
         if order == 2:
             x_u = x_u - 0.5 * a_u * phi_1 * d1_0  # (2)
         else:
-            d2, lam_2 = x0_preds[-3], lam[i + 2].item()
-            r1 = (lam_1 - lam_2) / h
-            d1_1 = (d1 - d2) / r1
-            first = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            second = (d1_0 - d1_1) / (r0 + r1)
             phi_2 = phi_1 / h + 1.0
             phi_3 = phi_2 / h - 0.5
             x_u = x_u + a_u * phi_2 * first - a_u * phi_3 * second  # (3)
     return x_u
+
+
+def _differences(
+    lam: Tensor, i: int, x0_preds: Sequence[Tensor], h: float, order: int
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The multistep differences of DPM-Solver++ from index i (step h): D1_0 = (D_0 - D_1) / r0 with
+    r0 = (lambda_i - lambda_{i+1}) / h, and at order 3 the first and second divided differences
+    first = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), second = (D1_0 - D1_1) / (r0 + r1) (else None)."""
+    lam_s, lam_1 = lam[i].item(), lam[i + 1].item()
+    r0 = (lam_s - lam_1) / h
+    d1_0 = (x0_preds[-1] - x0_preds[-2]) / r0
+    if order < 3:
+        return d1_0, None, None
+    r1 = (lam_1 - lam[i + 2].item()) / h
+    d1_1 = (x0_preds[-2] - x0_preds[-3]) / r1
+    first = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    second = (d1_0 - d1_1) / (r0 + r1)
+    return d1_0, first, second
+
+
+def _multistep(
+    denoise: Callable[[Tensor, Tensor, Tensor], PMeanVariance],
+    schedule: NoiseSchedule,
+    order: int,
+    lower_order_final: bool,
+    step: Callable[[int, Tensor, list[Tensor], int], Tensor],
+) -> Callable[[int, Tensor, Tensor, Tensor], Tensor]:
+    """The update of a DPM-Solver++ loop: the model's x0 prediction at every point (the last three
+    kept, newest last), the order warmed up from 1 and, with ``lower_order_final`` and fewer than 15
+    points, brought down at the end; ``step(i, x, x0_preds, order)`` makes the move."""
+    T = schedule.num_timesteps
+    x0_preds: list[Tensor] = []
+
+    def update(i, t, t_model, x):
+        x0_preds.append(denoise(x, t, t_model).x0_pred)
+        del x0_preds[:-3]
+        k = min(order, len(x0_preds))
+        if lower_order_final and T < 15:
+            k = min(k, max(i, 1))  # i = updates still to come, counting the final jump to x_0
+        return step(i, x, x0_preds, k)
+
+    return update
 
 
 @torch.no_grad()
@@ -282,18 +317,12 @@ def dpm_solver_sample(
     """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
-    T = schedule.num_timesteps
     denoise = _denoiser(model, schedule, prediction, variance, clip_x0, dynamic_threshold)
-    x0_preds: list[Tensor] = []  # at the latest grid points, newest last
 
-    def update(i, t, t_model, x):
-        x0_preds.append(denoise(x, t, t_model).x0_pred)
-        del x0_preds[:-3]
-        k = min(order, len(x0_preds))
-        if lower_order_final and T < 15:
-            k = min(k, max(i, 1))  # i = updates still to come, counting the final jump to x_0
+    def step(i, x, x0_preds, k):
         return dpm_solver_step(schedule, i, x, x0_preds, order=k)
 
+    update = _multistep(denoise, schedule, order, lower_order_final, step)
     return _loop(schedule, x_T, record, progress, update)
 
 
@@ -335,15 +364,10 @@ def sde_dpm_solver_step(
     keep = -math.expm1(-2 * h)  # 1 - e^{-2h}
     x_u = (s_u / s_s * math.exp(-h)) * x + (a_u * keep) * d + (s_u * math.sqrt(keep)) * noise
     if order >= 2:
-        r0 = (lam[i].item() - lam[i + 1].item()) / h
-        d1_0 = (d - x0_preds[-2]) / r0
+        d1_0, first, second = _differences(lam, i, x0_preds, h, order)
         if order == 2:
             x_u = x_u + (0.5 * a_u * keep) * d1_0
         else:
-            r1 = (lam[i + 1].item() - lam[i + 2].item()) / h
-            d1_1 = (x0_preds[-2] - x0_preds[-3]) / r1
-            first = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            second = (d1_0 - d1_1) / (r0 + r1)
             x_u = x_u + (a_u * (keep / (-2 * h) + 1.0)) * first
             x_u = x_u + (a_u * ((keep - 2 * h) / (2 * h) ** 2 - 0.5)) * second
     return x_u
@@ -372,21 +396,15 @@ def sde_dpm_solver_sample(
     (fixed_small), whatever ``variance`` says; a learned variance's channels are dropped."""
     if order not in (1, 2, 3):
         raise ValueError(f"SDE-DPM-Solver++ order must be 1, 2 or 3, got {order}")
-    T = schedule.num_timesteps
     denoise = _denoiser(model, schedule, prediction, variance, clip_x0, dynamic_threshold)
-    x0_preds: list[Tensor] = []
 
-    def update(i, t, t_model, x):
-        x0_preds.append(denoise(x, t, t_model).x0_pred)
-        del x0_preds[:-3]
-        k = min(order, len(x0_preds))
-        if lower_order_final and T < 15:
-            k = min(k, max(i, 1))
+    def step(i, x, x0_preds, k):
         if i == 0:
-            return x0_preds[-1]
+            return x0_preds[-1]  # the final denoising step draws no noise
         noise = _randn(x.shape, generator, x.device, x.dtype)
         return sde_dpm_solver_step(schedule, i, x, x0_preds, noise, order=k)
 
+    update = _multistep(denoise, schedule, order, lower_order_final, step)
     return _loop(schedule, x_T, record, progress, update)
 
 
