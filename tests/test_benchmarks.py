@@ -67,3 +67,26 @@ def test_exact_sliced_wasserstein_falls_as_the_sample_grows_and_sees_a_shift(mix
     shifted = sw(mix.sample(64000, g) + torch.tensor([0.2, 0.0], dtype=torch.float64))
     # W1 of a shift c on direction theta is |c . theta|: mean over directions of 0.2 |cos|, 0.127.
     assert abs(shifted - 0.2 * 2 / math.pi) < 0.02
+
+
+def test_sampler_figure_draws_one_captioned_row_per_sampler_and_budget(trained_run, tmp_path):
+    from PIL import Image
+
+    script = Path(__file__).parent.parent / "benchmarks" / "sampler_figure.py"
+
+    def figure(*args):
+        out = tmp_path / "samplers.png"
+        done = subprocess.run(
+            [sys.executable, str(script), str(trained_run), "--num", "3", "--no-chain",
+             "--out", str(out), *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        return done, (Image.open(out).size if done.returncode == 0 else None)
+
+    one, (w1, h1) = figure("--budgets", "2", "--samplers", "ddim")
+    four, (w4, h4) = figure("--budgets", "2,3", "--samplers", "ddim,sde_dpm_solver++ 2M")
+    assert one.returncode == 0 and four.returncode == 0, four.stderr[-2000:]
+    assert "sde_dpm_solver++ 2M, 3 NFE" in four.stdout
+    assert w4 > w1 and 3.5 * h1 < h4 < 4 * h1  # a wider caption band; four rows of tiles
+    bad, _ = figure("--samplers", "nope")
+    assert bad.returncode != 0 and "unknown sampler label" in bad.stderr
