@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import ddpm.runs
 from ddpm.cli import main
@@ -196,3 +197,68 @@ def test_a_new_run_samples_with_sde_dpm_solver_on_50_points_capped_at_a_shorter_
     assert out.npz.name.endswith("_sde_dpm_solver30.npz")  # min(50, T = 30) points
     assert spy_sampler[-1]["sampler"] == "sde_dpm_solver"
     assert SampleConfig().steps == 50
+
+
+@pytest.fixture
+def autocast_spy(monkeypatch):
+    """For every network call during sampling: (autocast on, its dtype, the network output's dtype)."""
+    from ddpm.nets import UNet
+
+    calls, real = [], UNet.forward
+
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        enabled = torch.is_autocast_enabled("cpu")
+        calls.append((enabled, torch.get_autocast_dtype("cpu") if enabled else None, out.dtype))
+        return out
+
+    monkeypatch.setattr(UNet, "forward", forward)
+    return calls
+
+
+def _with_sample(run: Path, tmp_path: Path, **sample) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = ddpm.runs.merge_config(load_run_config(copy), {"sample": sample})
+    save_run_config(config, copy / "config.json")
+    return copy
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sampling_runs_the_network_in_the_runs_sample_precision_and_the_sampler_in_fp32(
+    trained_run, tmp_path, autocast_spy, monkeypatch, precision
+):
+    seen = []  # what the sampler's model callable returns to the sampler
+    real = ddpm.runs.sample
+
+    def sample(model, *args, **kwargs):
+        seen.append(model(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)).dtype)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ddpm.runs, "sample", sample)
+    run = _with_sample(trained_run, tmp_path, precision=precision)
+    sample_run(run, num=3, steps=4, out_dir=tmp_path / "s", progress=False)
+    inside = (True, torch.bfloat16) if precision == "bf16" else (False, None)
+    assert len(autocast_spy) == 5 and all(call[:2] == inside for call in autocast_spy)
+    assert autocast_spy[0][2] == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert seen == [torch.float32]
+
+
+def test_bf16_sampling_draws_what_fp32_draws_to_bf16_accuracy(trained_run, tmp_path):
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        run = _with_sample(trained_run, tmp_path / precision, precision=precision, sampler="ddim")
+        out = sample_run(run, num=16, steps=10, out_dir=tmp_path / precision, progress=False)
+        outs[precision] = out.x0.numpy()
+    diff = np.abs(outs["bf16"] - outs["fp32"])
+    assert 0 < diff.mean() < 0.01 and diff.max() < 0.15  # bf16 keeps ~3 digits: 0.002 / 0.05 here
+
+
+def test_a_run_saved_before_sample_precision_keeps_sampling_in_fp32(trained_run, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(trained_run, copy)
+    data = json.loads((copy / "config.json").read_text())
+    del data["sample"]["precision"]
+    (copy / "config.json").write_text(json.dumps(data))
+    assert load_run_config(copy).sample.precision == "fp32"
+    assert load_run_config(trained_run).sample.precision == "auto"  # new runs

@@ -275,6 +275,10 @@ class SampleConfig:
     # guidance scale w (None: 1, plain conditional); see ddpm.guidance for the convention.
     class_label: int | None = None
     guidance: float | None = None
+    # autocast of the network while sampling (the sampler's own arithmetic stays fp32): auto = bf16
+    # for images where the device computes it natively (ddpm.devices.resolve_precision). Runs saved
+    # before this key sampled in fp32 and keep it (runs.load_run_config).
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         _positive_int("sample.num", self.num, allow_none=True)
@@ -297,6 +301,7 @@ class SampleConfig:
             isinstance(self.guidance, int | float) and math.isfinite(self.guidance)
         ):
             raise ConfigError(f"guidance must be a finite number, got {self.guidance!r}")
+        _one_of("sample.precision", self.precision, PRECISIONS)
 
     def sampler_options(self) -> dict[str, Any]:
         """The options of this section that the chosen sampler takes, read from its signature (eta

@@ -104,6 +104,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+def at_precision(model, device: torch.device, precision: str):
+    """``model`` called under the autocast of a concrete precision with its output in float32, so that
+    whatever calls it (a sampler's updates, guidance's mixing) computes in full precision; the model
+    itself for fp32."""
+    if _DTYPES[precision] is None:
+        return model
+
+    def run(x, t, **kwargs):
+        with autocast(device, precision):
+            return model(x, t, **kwargs).float()
+
+    return run
+
+
 def grad_scaler(device: torch.device, precision: str):
     """A gradient scaler for fp16 on CUDA (float16 gradients underflow without one), else None."""
     if precision == "fp16" and device.type == "cuda":

@@ -48,7 +48,7 @@ from ddpm.config import (
     merge_config,
 )
 from ddpm.data import load_dataset
-from ddpm.devices import default_sample_batch, resolve_device
+from ddpm.devices import at_precision, default_sample_batch, resolve_device, resolve_precision
 from ddpm.errors import ConfigError, DDPMError, RunDirError
 from ddpm.guidance import classifier_free_guidance
 from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet
@@ -157,6 +157,9 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
             f"{run_dir} is a run directory of format {version!r}, this ddpm reads format "
             f"{RUN_FORMAT_VERSION}; use the ddpm version that wrote it, or a new --run-dir"
         )
+    sample = data.get("sample")
+    if isinstance(sample, dict) and "precision" not in sample:
+        data["sample"] = {**sample, "precision": "fp32"}  # saved before sample.precision: fp32
     try:
         return RunConfig.from_dict(data, str(path))
     except ConfigError as err:
@@ -273,14 +276,16 @@ def iter_samples(
         batch_size = default_sample_batch(device, "image" if is_image else "points")
     generator = torch.Generator().manual_seed(seed)
     options = sampler_options(config, is_image=is_image)
+    precision = resolve_precision(config.sample.precision, device, images=is_image)
+    network = at_precision(model, device, precision)
     bar = tqdm(total=num, desc="sampling", unit="sample", disable=not progress, dynamic_ncols=True)
     try:
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
-            net = model
+            net = network
             if class_labels is not None:
                 labels = class_labels[start : start + n].to(device)
-                net = classifier_free_guidance(model, labels, scale, model.null_label)
+                net = classifier_free_guidance(network, labels, scale, model.null_label)
             yield sample(
                 net,
                 schedule,
