@@ -285,72 +285,57 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_edit_command(sub) -> None:
-    """``ddpm edit MODE RUN ...``: one subcommand per mode, with only that mode's options."""
-    p = sub.add_parser("edit", help="edit images with a trained run: inpaint, sdedit, invert, ...")
-    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE", parser_class=_Parser)
-    helps = {
-        "inpaint": "fill in the white pixels of --mask (RePaint; --resample 1: plain replacement)",
-        "sdedit": "noise --image to --strength of the chain, then denoise it (SDEdit)",
-        "invert": "DDIM inversion of --image to x_T, and its reconstruction",
-        "interpolate": "a strip of frames between two images (inverted) or two --seed",
-    }
-    for mode, text in helps.items():
-        m = modes.add_parser(mode, help=text, description=text)
-        m.add_argument("run", metavar="RUN", help="run directory (any trained image run)")
-        two = mode == "interpolate"  # two --image, or two --seed
-        m.add_argument("--image", action="append" if two else "store", required=not two,
-                       metavar="PNG", help="input image of the run's size and channels"
-                       + (" (twice)" if two else ""))  # fmt: skip
-        steps = {"inpaint": "250", "sdedit": "all T"}.get(mode, "100")
-        m.add_argument("--steps", type=int, metavar="K", help=f"points of the chain ({steps})")
-        if mode in ("inpaint", "sdedit"):
-            m.add_argument("--num", type=int, default=4, help="results to draw (4)")
-        if two:
-            m.add_argument("--seed", type=int, action="append", metavar="S",
-                           help="two seeds of x_T instead of two --image")  # fmt: skip
-        elif mode != "invert":
-            m.add_argument("--seed", type=int, default=0, metavar="S", help="seed (0)")
-        if mode == "inpaint":
-            m.add_argument("--mask", required=True, metavar="PNG",
-                           help="same size as the image: white = fill in, black = keep")  # fmt: skip
-            m.add_argument("--jumps", type=int, default=10, metavar="J", help="jump length (10)")
-            m.add_argument("--resample", type=int, default=10, metavar="R",
-                           help="times each jump is taken (10); 1 = plain replacement")  # fmt: skip
-        if mode == "sdedit":
-            m.add_argument("--strength", type=float, default=0.5, metavar="S",
-                           help="fraction of the chain in (0, 1] to noise and denoise (0.5)")  # fmt: skip
-            m.add_argument("--sampler", default="ancestral", help="ancestral (default), ddim, ...")
-        if mode == "interpolate":
-            m.add_argument("--frames", type=int, default=8, metavar="F", help="frames (8)")
-        m.add_argument("--class", dest="class_label", metavar="C",
-                       help="class-conditional runs: a class index or name")  # fmt: skip
-        m.add_argument("--guidance", type=float, metavar="W", help="guidance scale with --class")
-        m.add_argument("--out", metavar="DIR", help="output directory (default: RUN/edits)")
-        _device_option(m)
-        m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-        m.set_defaults(func=_cmd_edit)
-
-
-def _add_interop_commands(sub) -> None:
-    p = sub.add_parser("import", help="a diffusers UNet2DModel folder -> a ddpm run directory")
-    p.add_argument("src", metavar="DIR", help="model or pipeline folder (safetensors weights)")
-    p.add_argument("--run-dir", required=True, metavar="RUN", help="new run directory")
-    p.add_argument(
-        "--data", metavar="NAME", help="data set for nll/eval/train (cifar10 at 3x32x32)"
-    )
-    p.add_argument("--data-root", metavar="PATH", help="where that data set's files are")
-    p.set_defaults(func=_cmd_import)
-    p = sub.add_parser("export", help="a ddpm run -> a diffusers DDPMPipeline folder")
-    p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("out", metavar="DIR", help="new folder to write")
-    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
-    p.set_defaults(func=_cmd_export)
-
-
 # --------------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ddpm", description="Denoising diffusion probabilistic models (Ho et al. 2020)."
+    )
+    parser.add_argument("--version", action="version", version=f"ddpm {_version()}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    _add_train(sub)
+    _add_sample(sub)
+    _add_info(sub)
+    _add_forward(sub)
+    _add_nll(sub)
+    _add_eval(sub)
+    _add_import(sub)
+    _add_export(sub)
+    _add_edit(sub)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version as _dist_version
+
+        return _dist_version("ddpm")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+# options shared by several subcommands, word for word
+
+
+def _run_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run directory")
+
+
+def _raw_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+
+
+def _out_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--out", metavar="DIR", help=f"output directory (default: {default})")
+
+
+def _quiet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
@@ -395,22 +380,10 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    try:
-        from importlib.metadata import version as _dist_version
+# ddpm train: options whose dest is "section.key" override that key of the config (see _overrides)
 
-        version = _dist_version("ddpm")
-    except Exception:  # not installed (running from a source tree)
-        version = "unknown"
 
-    parser = _Parser(
-        prog="ddpm", description="Denoising diffusion probabilistic models (Ho et al. 2020)."
-    )
-    parser.add_argument("--version", action="version", version=f"ddpm {version}")
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
-    )
-
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (resumes if the run directory exists)")
     p.add_argument(
         "--config",
@@ -422,7 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="a shipped recipe under --config and the options: ho2020 (Ho et al.'s CIFAR-10 run)",
     )
-    # Options whose dest is "section.key" override that key of the config (see _overrides).
+    _train_data_model_options(p)
+    _train_diffusion_options(p)
+    _train_objective_options(p)
+    _train_optimization_options(p)
+    _train_hardware_options(p)
+    _train_run_options(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _train_data_model_options(p: argparse.ArgumentParser) -> None:
     opt = p.add_argument
     opt(
         "--data",
@@ -458,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="--cond class: probability of training a label as the null class (0.1)",
     )
+
+
+def _train_diffusion_options(p: argparse.ArgumentParser) -> None:
+    opt = p.add_argument
     opt(
         "--schedule",
         dest="diffusion.schedule",
@@ -496,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rescale the schedule to SNR 0 at t=T (needs --prediction v)",
     )
+
+
+def _train_objective_options(p: argparse.ArgumentParser) -> None:
+    opt = p.add_argument
     opt(
         "--timestep-sampler",
         dest="train.timestep_sampler",
@@ -523,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="L",
         help="lambda of the hybrid loss (0.001)",
     )
+
+
+def _train_optimization_options(p: argparse.ArgumentParser) -> None:
+    opt = p.add_argument
     opt(
         "--steps", dest="train.steps", type=int, metavar="N", help="total training steps of the run"
     )
@@ -542,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt("--lr", dest="train.lr", type=float, metavar="LR")
     opt("--ema-decay", dest="train.ema_decay", type=float, metavar="D")
+
+
+def _train_hardware_options(p: argparse.ArgumentParser) -> None:
+    opt = p.add_argument
     opt(
         "--precision",
         dest="train.precision",
@@ -563,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the network (slow start; see README)",
     )
     _device_option(p)
+
+
+def _train_run_options(p: argparse.ArgumentParser) -> None:
+    """Augmentation and seed, previews and checkpoints, where the run goes and what it prints."""
+    opt = p.add_argument
     opt(
         "--hflip",
         dest="train.hflip",
@@ -582,10 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--no-tensorboard", dest="train.tensorboard", action="store_false", default=None)
     opt("--run-dir", metavar="DIR", help="run directory (default: runs/<data>)")
     opt("-q", "--quiet", action="store_true", help="no progress bar or messages")
-    p.set_defaults(func=_cmd_train)
 
+
+# the other subcommands
+
+
+def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained run")
-    p.add_argument("run", metavar="RUN", help="run directory")
+    _run_argument(p)
     p.add_argument(
         "--num",
         type=int,
@@ -620,18 +627,22 @@ def build_parser() -> argparse.ArgumentParser:
     _sampler_arguments(p)
     _device_option(p)
     p.add_argument("--seed", type=int, metavar="S")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/generated)")
+    _raw_option(p)
+    _out_option(p, default="RUN/generated")
     p.add_argument(
         "--trajectory", action="store_true", help="also draw the reverse process x_T .. x_0"
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _quiet_option(p)
     p.set_defaults(func=_cmd_sample)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a run")
-    p.add_argument("run", metavar="RUN", help="run directory")
+    _run_argument(p)
     p.set_defaults(func=_cmd_info)
 
+
+def _add_forward(sub) -> None:
     p = sub.add_parser("forward", help="picture of the forward process on real data")
     p.add_argument("--data", default="digits", help="data set (default digits)")
     p.add_argument("--data-root", metavar="PATH")
@@ -643,8 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PATH", help="PNG to write (default: forward_<data>.png)")
     p.set_defaults(func=_cmd_forward)
 
+
+def _add_nll(sub) -> None:
     p = sub.add_parser("nll", help="variational bound in bits/dim on held-out data")
-    p.add_argument("run", metavar="RUN", help="run directory")
+    _run_argument(p)
     p.add_argument("--split", default="test", help="data split (default test)")
     p.add_argument(
         "--num", type=int, metavar="N", help="number of images (default: the whole split)"
@@ -655,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="all|K",
         help="all: the full chain (T evaluations per image); K: unbiased stratified estimate",
     )
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    _raw_option(p)
     p.add_argument(
         "--clip",
         action=argparse.BooleanOptionalAction,
@@ -664,13 +677,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=256, metavar="B")
     p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval)")
+    _out_option(p, default="RUN/eval")
     _device_option(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _quiet_option(p)
     p.set_defaults(func=_cmd_nll)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="sample quality: FID/KID/precision/recall/IS, or 2-D distances")
-    p.add_argument("run", metavar="RUN", help="run directory")
+    _run_argument(p)
     p.add_argument("--num", type=int, default=1000, metavar="N", help="number of samples (1000)")
     p.add_argument(
         "--sampler",
@@ -690,18 +705,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ref-split", default="test", help="reference split (default test)")
     p.add_argument("--ref-num", type=int, metavar="N", help="reference size (see ddpm.evaluate)")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    _raw_option(p)
     p.add_argument(
         "--batch-size", type=int, metavar="B", help="samples drawn at once (250 CPU, 1000 CUDA)"
     )
     _sampler_arguments(p)
     _device_option(p)
-    p.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _out_option(p, default="RUN/eval")
+    _quiet_option(p)
     p.set_defaults(func=_cmd_eval)
-    _add_interop_commands(sub)
-    _add_edit_command(sub)
-    return parser
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="a diffusers UNet2DModel folder -> a ddpm run directory")
+    p.add_argument("src", metavar="DIR", help="model or pipeline folder (safetensors weights)")
+    p.add_argument("--run-dir", required=True, metavar="RUN", help="new run directory")
+    p.add_argument(
+        "--data", metavar="NAME", help="data set for nll/eval/train (cifar10 at 3x32x32)"
+    )
+    p.add_argument("--data-root", metavar="PATH", help="where that data set's files are")
+    p.set_defaults(func=_cmd_import)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="a ddpm run -> a diffusers DDPMPipeline folder")
+    _run_argument(p)
+    p.add_argument("out", metavar="DIR", help="new folder to write")
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    p.set_defaults(func=_cmd_export)
+
+
+def _add_edit(sub) -> None:
+    """``ddpm edit MODE RUN ...``: one subcommand per mode, with only that mode's options."""
+    p = sub.add_parser("edit", help="edit images with a trained run: inpaint, sdedit, invert, ...")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE", parser_class=_Parser)
+    helps = {
+        "inpaint": "fill in the white pixels of --mask (RePaint; --resample 1: plain replacement)",
+        "sdedit": "noise --image to --strength of the chain, then denoise it (SDEdit)",
+        "invert": "DDIM inversion of --image to x_T, and its reconstruction",
+        "interpolate": "a strip of frames between two images (inverted) or two --seed",
+    }
+    for mode, text in helps.items():
+        m = modes.add_parser(mode, help=text, description=text)
+        m.add_argument("run", metavar="RUN", help="run directory (any trained image run)")
+        two = mode == "interpolate"  # two --image, or two --seed
+        m.add_argument("--image", action="append" if two else "store", required=not two,
+                       metavar="PNG", help="input image of the run's size and channels"
+                       + (" (twice)" if two else ""))  # fmt: skip
+        steps = {"inpaint": "250", "sdedit": "all T"}.get(mode, "100")
+        m.add_argument("--steps", type=int, metavar="K", help=f"points of the chain ({steps})")
+        if mode in ("inpaint", "sdedit"):
+            m.add_argument("--num", type=int, default=4, help="results to draw (4)")
+        if two:
+            m.add_argument("--seed", type=int, action="append", metavar="S",
+                           help="two seeds of x_T instead of two --image")  # fmt: skip
+        elif mode != "invert":
+            m.add_argument("--seed", type=int, default=0, metavar="S", help="seed (0)")
+        if mode == "inpaint":
+            m.add_argument("--mask", required=True, metavar="PNG",
+                           help="same size as the image: white = fill in, black = keep")  # fmt: skip
+            m.add_argument("--jumps", type=int, default=10, metavar="J", help="jump length (10)")
+            m.add_argument("--resample", type=int, default=10, metavar="R",
+                           help="times each jump is taken (10); 1 = plain replacement")  # fmt: skip
+        if mode == "sdedit":
+            m.add_argument("--strength", type=float, default=0.5, metavar="S",
+                           help="fraction of the chain in (0, 1] to noise and denoise (0.5)")  # fmt: skip
+            m.add_argument("--sampler", default="ancestral", help="ancestral (default), ddim, ...")
+        if mode == "interpolate":
+            m.add_argument("--frames", type=int, default=8, metavar="F", help="frames (8)")
+        m.add_argument("--class", dest="class_label", metavar="C",
+                       help="class-conditional runs: a class index or name")  # fmt: skip
+        m.add_argument("--guidance", type=float, metavar="W", help="guidance scale with --class")
+        _out_option(m, default="RUN/edits")
+        _device_option(m)
+        _quiet_option(m)
+        m.set_defaults(func=_cmd_edit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

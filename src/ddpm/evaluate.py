@@ -37,13 +37,21 @@ from tqdm.auto import tqdm
 
 from ddpm import metrics, viz
 from ddpm.checkpoint import atomic_write_bytes
-from ddpm.config import merge_config
+from ddpm.config import RunConfig, merge_config
 from ddpm.data import ArrayDataset, load_dataset
 from ddpm.devices import describe_device
 from ddpm.errors import ConfigError
-from ddpm.likelihood import bits_per_dim_summary, variational_bound
+from ddpm.likelihood import BoundTerms, bits_per_dim_summary, variational_bound
 from ddpm.nets.classifier import Classifier
-from ddpm.runs import class_labels_for, draw, load_data, load_run, parse_class, sampler_options
+from ddpm.runs import (
+    LoadedRun,
+    class_labels_for,
+    draw,
+    load_data,
+    load_run,
+    parse_class,
+    sampler_options,
+)
 from ddpm.samplers import DEFAULT_GRIDS, GRIDS, SAMPLERS
 
 Tensor = torch.Tensor
@@ -129,55 +137,114 @@ def nll_run(
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
     run = load_run(run_dir, use_ema=use_ema, device=device)
-    model, config, ckpt, schedule = run.model, run.config, run.checkpoint, run.schedule
-    T = schedule.num_timesteps
+    config, T = run.config, run.schedule.num_timesteps
+    eval_steps = _strided_steps(eval_steps, T)
+    data = load_data(config, split)
+    x = _first_images(data, num, split)
+    decoder = "gaussian" if data.kind == "points" else "discretized"
+    if clip_x0 is None:
+        clip_x0 = config.sample.clip_x0 and data.kind == "image"
+    req = _NllRequest(split, eval_steps, "ema" if use_ema else "raw", decoder, clip_x0, seed)
+
+    start = time.monotonic()
+    bound = _bound_in_batches(run, x, req, batch_size=batch_size, progress=progress)
+    elapsed = time.monotonic() - start
+
+    tag = f"nll_{split}_{'all' if eval_steps is None else f'k{eval_steps}'}_{req.weights}"
+    tag += "" if clip_x0 or data.kind != "image" else "_noclip"
+    out = _eval_dir(run_dir, out_dir)
+    per_step = _per_step_means(bound, T)
+    csv_path = _write_per_step_csv(out / f"{tag}.csv", per_step)
+    png_path = viz.plot_bound_terms(
+        (per_step.index + 1).numpy(),
+        per_step.mean.numpy(),
+        out / f"{tag}.png",
+        se=per_step.se.numpy(),
+        title=f"{config.data.name}, step {run.checkpoint.step}: {bound.total_bpd.mean():.3f} bits/dim",
+    )
+    summary = {
+        **_bound_estimates(bound, eval_steps),
+        "protocol": _nll_protocol(run_dir, run, x, bound, req),
+        "elapsed_s": round(elapsed, 2),
+        "terms_csv": str(csv_path),
+        "plot": str(png_path),
+    }
+    json_path = _write_json(out / f"{tag}.json", summary)
+    return NllReport(json_path, csv_path, png_path, summary)
+
+
+class _NllRequest(NamedTuple):
+    """What ``nll_run`` was asked for, checked and resolved against the run."""
+
+    split: str
+    eval_steps: int | None  # None: the full chain
+    weights: str  # "ema" or "raw"
+    decoder: str  # "discretized" (images) or "gaussian" (points)
+    clip_x0: bool
+    seed: int
+
+
+def _strided_steps(eval_steps: int | None, T: int) -> int | None:
+    """``eval_steps`` checked; None (the full chain) when it covers every step anyway."""
     if eval_steps is not None:
         _check_positive("steps", eval_steps)
         if eval_steps < 4:
             raise ConfigError("the strided bound needs --steps >= 4 (or 'all')")
         if eval_steps >= T:
             eval_steps = None
-    data = load_data(config, split)
-    x = data.x if num is None else data.x[:num]
+    return eval_steps
+
+
+def _first_images(data: ArrayDataset, num: int | None, split: str) -> Tensor:
     if num is not None and num > len(data):
         raise ConfigError(f"--num {num} exceeds the {len(data)} examples of the {split} split")
-    decoder = "gaussian" if data.kind == "points" else "discretized"
-    if clip_x0 is None:
-        clip_x0 = config.sample.clip_x0 and data.kind == "image"
-    generator = torch.Generator().manual_seed(seed)
+    return data.x if num is None else data.x[:num]
 
-    start = time.monotonic()
+
+def _bound_in_batches(
+    run: LoadedRun, x: Tensor, req: _NllRequest, *, batch_size: int, progress: bool
+) -> BoundTerms:
+    """``variational_bound`` of every image, ``batch_size`` at a time, joined on the CPU; one
+    generator seeded with ``req.seed`` serves all batches in turn."""
+    generator = torch.Generator().manual_seed(req.seed)
     parts = []
     bar = tqdm(total=len(x), desc="bound", unit="image", disable=not progress, dynamic_ncols=True)
     for chunk in x.split(batch_size):
         parts.append(
             variational_bound(
-                model,
-                schedule,
+                run.model,
+                run.schedule,
                 chunk.to(run.device),
-                prediction=config.diffusion.prediction,
-                variance=config.diffusion.variance,
-                decoder=decoder,
-                num_eval_steps=eval_steps,
+                prediction=run.config.diffusion.prediction,
+                variance=run.config.diffusion.variance,
+                decoder=req.decoder,
+                num_eval_steps=req.eval_steps,
                 generator=generator,
-                clip_x0=clip_x0,
+                clip_x0=req.clip_x0,
                 progress=progress and len(x) <= batch_size,
             )
         )
         bar.update(len(chunk))
     bar.close()
-    elapsed = time.monotonic() - start
-    total = torch.cat([p.total_bpd.cpu() for p in parts])
-    prior = torch.cat([p.prior_bpd.cpu() for p in parts])
-    terms = torch.cat([p.terms_bpd.cpu() for p in parts])
-    steps = torch.cat([p.timesteps.cpu() for p in parts])
-    decoder_bpd = terms[:, 0]
-    vlb_sum = (
-        total - prior - decoder_bpd
-    )  # sum_{t=2}^T L_{t-1} (its stratified estimate if strided)
+    return BoundTerms(
+        *(torch.cat([getattr(p, f).cpu() for p in parts]) for f in BoundTerms._fields)
+    )
 
-    # Per-step means over the images whose evaluation drew that step (every image for the full chain).
-    flat_t, flat_v = steps.reshape(-1), terms.reshape(-1).double()
+
+class _PerStep(NamedTuple):
+    """Each step index drawn at least once, with its number of draws and the mean and standard error
+    (NaN with a single draw) of its term in bits/dim."""
+
+    index: Tensor
+    count: Tensor
+    mean: Tensor
+    se: Tensor
+
+
+def _per_step_means(bound: BoundTerms, T: int) -> _PerStep:
+    """Per-step means over the images whose evaluation drew that step (every image for the full
+    chain)."""
+    flat_t, flat_v = bound.timesteps.reshape(-1), bound.terms_bpd.reshape(-1).double()
     count = torch.bincount(flat_t, minlength=T)
     sums = torch.zeros(T, dtype=torch.float64).index_add_(0, flat_t, flat_v)
     sq = torch.zeros(T, dtype=torch.float64).index_add_(0, flat_t, flat_v**2)
@@ -185,64 +252,64 @@ def nll_run(
     mean_t = sums[seen] / count[seen]
     var_t = (sq[seen] - count[seen] * mean_t**2) / (count[seen] - 1).clamp(min=1)
     se_t = torch.where(count[seen] > 1, (var_t.clamp(min=0) / count[seen]).sqrt(), math.nan)
-    index_t = torch.nonzero(seen).squeeze(1)
+    return _PerStep(torch.nonzero(seen).squeeze(1), count[seen], mean_t, se_t)
 
-    weights = "ema" if use_ema else "raw"
-    tag = f"nll_{split}_{'all' if eval_steps is None else f'k{eval_steps}'}_{weights}"
-    tag += "" if clip_x0 or data.kind != "image" else "_noclip"
-    out = _eval_dir(run_dir, out_dir)
+
+def _write_per_step_csv(path: Path, per_step: _PerStep) -> Path:
     rows = ["t,index,term,count,mean_bpd,se_bpd"]
     for i, m, s, c in zip(
-        index_t.tolist(), mean_t.tolist(), se_t.tolist(), count[seen].tolist(), strict=True
+        per_step.index.tolist(),
+        per_step.mean.tolist(),
+        per_step.se.tolist(),
+        per_step.count.tolist(),
+        strict=True,
     ):
         term = "L_0" if i == 0 else f"L_{i}"
         rows.append(f"{i + 1},{i},{term},{c},{m:.8g},{s:.8g}")
-    csv_path = atomic_write_bytes(out / f"{tag}.csv", ("\n".join(rows) + "\n").encode())
-    png_path = viz.plot_bound_terms(
-        (index_t + 1).numpy(),
-        mean_t.numpy(),
-        out / f"{tag}.png",
-        se=se_t.numpy(),
-        title=f"{config.data.name}, step {ckpt.step}: {total.mean():.3f} bits/dim",
-    )
-    summary = {
+    return atomic_write_bytes(path, ("\n".join(rows) + "\n").encode())
+
+
+def _bound_estimates(bound: BoundTerms, eval_steps: int | None) -> dict[str, Any]:
+    total, prior, decoder_bpd = bound.total_bpd, bound.prior_bpd, bound.decoder_bpd
+    vlb_sum = total - prior - decoder_bpd  # its stratified estimate if strided
+    return {
         "bits_per_dim": _mean_ci(total),
         "prior_bpd": _mean_ci(prior),  # L_T
         "vlb_sum_bpd": _mean_ci(vlb_sum),  # sum_{t=2}^{T} L_{t-1}
         "decoder_bpd": _mean_ci(decoder_bpd),  # L_0
         "estimator_se_per_image_bpd": (
-            None
-            if eval_steps is None
-            else float(torch.cat([p.total_stderr_bpd.cpu() for p in parts]).mean())
+            None if eval_steps is None else float(bound.total_stderr_bpd.mean())
         ),
-        "protocol": {
-            "run": str(run_dir),
-            "checkpoint_step": ckpt.step,
-            "weights": weights,
-            "data": config.data.name,
-            "split": split,
-            "num_images": len(x),
-            "num_dims": int(x[0].numel()),
-            "estimator": "full chain (T terms per image)"
-            if eval_steps is None
-            else f"stratified, {terms.shape[1]} evaluations per image (unbiased, with standard error)",
-            "steps": "all" if eval_steps is None else eval_steps,
-            "num_timesteps": T,
-            "schedule": config.diffusion.schedule,
-            "prediction": config.diffusion.prediction,
-            "variance": config.diffusion.variance,
-            "decoder": decoder,
-            "clip_x0": bool(clip_x0),
-            "seed": seed,
-            "device": describe_device(run.device),
-            "interval": "95%: mean +- 1.96 standard errors over images",
-        },
-        "elapsed_s": round(elapsed, 2),
-        "terms_csv": str(csv_path),
-        "plot": str(png_path),
     }
-    json_path = _write_json(out / f"{tag}.json", summary)
-    return NllReport(json_path, csv_path, png_path, summary)
+
+
+def _nll_protocol(
+    run_dir: str | Path, run: LoadedRun, x: Tensor, bound: BoundTerms, req: _NllRequest
+) -> dict[str, Any]:
+    """How the bound was computed: written next to the numbers."""
+    config, eval_steps = run.config, req.eval_steps
+    return {
+        "run": str(run_dir),
+        "checkpoint_step": run.checkpoint.step,
+        "weights": req.weights,
+        "data": config.data.name,
+        "split": req.split,
+        "num_images": len(x),
+        "num_dims": int(x[0].numel()),
+        "estimator": "full chain (T terms per image)"
+        if eval_steps is None
+        else f"stratified, {bound.terms_bpd.shape[1]} evaluations per image (unbiased, with standard error)",
+        "steps": "all" if eval_steps is None else eval_steps,
+        "num_timesteps": run.schedule.num_timesteps,
+        "schedule": config.diffusion.schedule,
+        "prediction": config.diffusion.prediction,
+        "variance": config.diffusion.variance,
+        "decoder": req.decoder,
+        "clip_x0": bool(req.clip_x0),
+        "seed": req.seed,
+        "device": describe_device(run.device),
+        "interval": "95%: mean +- 1.96 standard errors over images",
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,6 +574,57 @@ def eval_run(
     classifier-free guidance at scale ``guidance`` (default 1), against the reference images of
     class c; "all" draws the classes in equal shares against the whole reference split. Either way
     ``class_accuracy`` is the fraction of samples the shipped classifier assigns to their class."""
+    grid = _check_eval_options(num, batch_size, ref_num, sampler, grid, features)
+    run = load_run(run_dir, use_ema=use_ema, device=device)
+    meta = run.checkpoint.meta
+    label = parse_class(class_label, meta.get("data", {}).get("class_names"))
+    if label is None and guidance is not None:
+        raise ConfigError("--guidance needs --class (a class index, name or 'all')")
+    labels = class_labels_for(run.model, num, label)
+    given = {"sampler": sampler, "grid": grid, "guidance": guidance, **sample_options}
+    config = merge_config(
+        run.config, {"sample": {k: v for k, v in given.items() if v is not None}}, "eval options"
+    )
+    _check_steps(steps, config.diffusion.num_timesteps)
+    cache_path = _cache_path(cache)
+    shape, kind = tuple(meta["data"]["sample_shape"]), meta["data"]["kind"]
+    # Built first, so that a missing extractor fails before sampling.
+    extractors = _image_extractors(features, config.data.name, shape) if kind == "image" else []
+    weights = "ema" if use_ema else "raw"
+    req = _EvalRequest(num, sampler, steps, grid, seed, weights, ref_split, ref_num, label, labels)
+
+    start = time.monotonic()
+    samples = _draw_samples(run, config, shape, req, batch_size=batch_size, progress=progress)
+    sample_seconds = time.monotonic() - start
+    reference = _of_class(load_data(config, ref_split), label)
+    protocol = _eval_protocol(run_dir, run, config, req, kind, sample_seconds)
+    results: dict[str, Any] = {"protocol": protocol}
+    if kind == "points":
+        results.update(_points_metrics(samples, reference, config, num, ref_num, seed, ref_split))
+    for ex in extractors:
+        results[ex.name] = _feature_metrics(ex, samples, reference, config, req, cache_path)
+    results["elapsed_s"] = round(time.monotonic() - start, 1)
+    json_path = _write_json(_eval_dir(run_dir, out_dir) / f"{_eval_tag(protocol)}.json", results)
+    return EvalReport(json_path, results)
+
+
+class _EvalRequest(NamedTuple):
+    """What ``eval_run`` was asked for, checked and resolved against the run."""
+
+    num: int
+    sampler: str
+    steps: int | None  # None: the full chain
+    grid: str
+    seed: int
+    weights: str  # "ema" or "raw"
+    ref_split: str
+    ref_num: int | None
+    label: int | str | None  # the class asked for: an index, "all", or None
+    labels: Tensor | None  # the class of each sample [num]; None: unconditional
+
+
+def _check_eval_options(num, batch_size, ref_num, sampler: str, grid: str | None, features: str):
+    """Fail on a bad option before the run is loaded; returns ``grid`` (None: the sampler's)."""
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
     _check_positive("ref_num", ref_num)
@@ -517,116 +635,136 @@ def eval_run(
         raise ConfigError(f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")
     if features not in FEATURES:
         raise ConfigError(f"unknown features {features!r}; known: {', '.join(FEATURES)}")
-    run = load_run(run_dir, use_ema=use_ema, device=device)
-    model, ckpt = run.model, run.checkpoint
-    label = parse_class(class_label, ckpt.meta.get("data", {}).get("class_names"))
-    if label is None and guidance is not None:
-        raise ConfigError("--guidance needs --class (a class index, name or 'all')")
-    labels = class_labels_for(model, num, label)
-    given = {"sampler": sampler, "grid": grid, "guidance": guidance, **sample_options}
-    config = merge_config(
-        run.config, {"sample": {k: v for k, v in given.items() if v is not None}}, "eval options"
-    )
-    T = config.diffusion.num_timesteps
+    return grid
+
+
+def _check_steps(steps: int | None, T: int) -> None:
     if steps is not None:
         _check_positive("steps", steps)
         if steps > T:
             raise ConfigError(f"steps must be at most T={T}, got {steps}")
-    cache_path = (
+
+
+def _cache_path(cache: str | Path | None | bool) -> Path | None:
+    """Where reference features are cached: True the default cache, False / None nowhere."""
+    return (
         None if cache is False or cache is None else (cache_dir() if cache is True else Path(cache))
     )
-    shape = tuple(ckpt.meta["data"]["sample_shape"])
-    kind = ckpt.meta["data"]["kind"]
-    if kind == "image":  # fail before sampling if an extractor is missing
-        extractors = []
-        if features in ("classifier", "both"):
-            extractors.append(classifier_extractor(config.data.name, shape[-1]))
-        if features in ("inception", "both"):
-            extractors.append(inception_extractor())
 
-    start = time.monotonic()
-    samples = draw(
-        model,
+
+def _image_extractors(features: str, data_name: str, shape) -> list[FeatureExtractor]:
+    extractors = []
+    if features in ("classifier", "both"):
+        extractors.append(classifier_extractor(data_name, shape[-1]))
+    if features in ("inception", "both"):
+        extractors.append(inception_extractor())
+    return extractors
+
+
+def _draw_samples(
+    run: LoadedRun, config: RunConfig, shape, req: _EvalRequest, *, batch_size, progress
+) -> Tensor:
+    T = config.diffusion.num_timesteps
+    return draw(
+        run.model,
         run.schedule,
         shape,
         config,
-        num=num,
-        steps=T if steps is None else steps,
-        seed=seed,
+        num=req.num,
+        steps=T if req.steps is None else req.steps,
+        seed=req.seed,
         batch_size=batch_size,
         device=run.device,
         progress=progress,
-        class_labels=labels,
+        class_labels=req.labels,
     ).x0
-    sample_seconds = time.monotonic() - start
-    reference = _of_class(load_data(config, ref_split), label)
+
+
+def _eval_protocol(
+    run_dir: str | Path,
+    run: LoadedRun,
+    config: RunConfig,
+    req: _EvalRequest,
+    kind: str,
+    sample_seconds: float,
+) -> dict[str, Any]:
+    """How the samples were drawn and compared: written next to every number."""
+    T = config.diffusion.num_timesteps
+    steps, label = req.steps, req.label
     protocol = {
         "run": str(run_dir),
-        "checkpoint_step": ckpt.step,
-        "weights": "ema" if use_ema else "raw",
+        "checkpoint_step": run.checkpoint.step,
+        "weights": req.weights,
         "data": config.data.name,
-        "num_samples": num,
-        "sampler": sampler,
+        "num_samples": req.num,
+        "sampler": req.sampler,
         "steps": steps if steps is not None else T,
-        "grid": grid if steps is not None and steps < T else "full chain",
-        "sampler_options": {
-            k: v for k, v in sampler_options(config, is_image=kind == "image").items()
-        },
+        "grid": req.grid if steps is not None and steps < T else "full chain",
+        "sampler_options": sampler_options(config, is_image=kind == "image"),
         "device": describe_device(run.device),
         "num_timesteps": T,
-        "seed": seed,
-        "reference_split": ref_split
+        "seed": req.seed,
+        "reference_split": req.ref_split
         if not isinstance(label, int)
-        else f"{ref_split}, class {label}",
+        else f"{req.ref_split}, class {label}",
         "sampling_seconds": round(sample_seconds, 1),
     }
-    if labels is not None:
+    if req.labels is not None:
         protocol["class"] = label
         protocol["guidance"] = 1.0 if config.sample.guidance is None else config.sample.guidance
-    results: dict[str, Any] = {"protocol": protocol}
-    if kind == "points":
-        results.update(_points_metrics(samples, reference, config, num, ref_num, seed, ref_split))
-    else:
-        for ex in extractors:
-            n_ref = min(
-                len(reference), ref_num or (len(reference) if ex.name == "classifier" else num)
-            )
-            ref_feats = reference_features(
-                ex,
-                reference,
-                split=ref_split if not isinstance(label, int) else f"{ref_split}-class{label}",
-                image_size=config.data.image_size,
-                root=config.data.root,
-                num=n_ref,
-                cache=cache_path,
-            )
-            block = image_metrics(
-                samples, ref_feats, ex, seed=seed, num_classes=reference.num_classes, labels=labels
-            )
-            block["protocol"] = {
-                **ex.protocol,
-                "reference_size": n_ref,
-                "kid_subset_size": min(1000, num, n_ref),
-                "kid_subsets": 100,
-                "precision_recall_k": 3,
-            }
-            if ex.name == "classifier" and ref_split != "train":
-                train = _of_class(load_data(config, "train"), label)
-                idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-                floor = image_metrics(train.x[idx[:num]], ref_feats, ex, seed=seed)
-                block["train_vs_ref"] = {
-                    k: floor[k] for k in ("fid", "kid", "precision", "recall", "inception_score")
-                }
-            if reference.class_names is not None and "class_histogram" in block:
-                block["class_names"] = list(reference.class_names)
-            results[ex.name] = block
-    weights = protocol["weights"]
-    tag = f"eval_{sampler}_{protocol['steps']}_{num}_seed{seed}_{weights}"
-    if labels is not None:
-        tag += f"_class{label}_w{protocol['guidance']:g}"
-    results["elapsed_s"] = round(time.monotonic() - start, 1)
-    json_path = _write_json(_eval_dir(run_dir, out_dir) / f"{tag}.json", results)
-    return EvalReport(json_path, results)
+    return protocol
+
+
+def _eval_tag(protocol: dict[str, Any]) -> str:
+    p = protocol
+    tag = f"eval_{p['sampler']}_{p['steps']}_{p['num_samples']}_seed{p['seed']}_{p['weights']}"
+    if "class" in p:
+        tag += f"_class{p['class']}_w{p['guidance']:g}"
+    return tag
+
+
+def _feature_metrics(
+    ex: FeatureExtractor,
+    samples: Tensor,
+    reference: ArrayDataset,
+    config: RunConfig,
+    req: _EvalRequest,
+    cache: Path | None,
+) -> dict[str, Any]:
+    """``image_metrics`` on one extractor's features against the reference images (``ref_num``,
+    default the whole split for the classifier, ``num`` for Inception), with their protocol and, for
+    the classifier, the same metrics of ``num`` real training images."""
+    num, seed, label, ref_split = req.num, req.seed, req.label, req.ref_split
+    n_ref = min(len(reference), req.ref_num or (len(reference) if ex.name == "classifier" else num))
+    ref_feats = reference_features(
+        ex,
+        reference,
+        split=ref_split if not isinstance(label, int) else f"{ref_split}-class{label}",
+        image_size=config.data.image_size,
+        root=config.data.root,
+        num=n_ref,
+        cache=cache,
+    )
+    block = image_metrics(
+        samples, ref_feats, ex, seed=seed, num_classes=reference.num_classes, labels=req.labels
+    )
+    block["protocol"] = {
+        **ex.protocol,
+        "reference_size": n_ref,
+        "kid_subset_size": min(1000, num, n_ref),
+        "kid_subsets": 100,
+        "precision_recall_k": 3,
+    }
+    if ex.name == "classifier" and ref_split != "train":
+        train = _of_class(load_data(config, "train"), label)
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        floor = image_metrics(train.x[idx[:num]], ref_feats, ex, seed=seed)
+        block["train_vs_ref"] = {
+            k: floor[k] for k in ("fid", "kid", "precision", "recall", "inception_score")
+        }
+    if reference.class_names is not None and "class_histogram" in block:
+        block["class_names"] = list(reference.class_names)
+    return block
 
 
 def _of_class(data: ArrayDataset, label: int | str | None) -> ArrayDataset:

@@ -45,6 +45,7 @@ from ddpm.config import (
     DiffusionConfig,
     ModelConfig,
     RunConfig,
+    SampleConfig,
     merge_config,
 )
 from ddpm.data import load_dataset
@@ -453,15 +454,11 @@ def sample_run(
     with classifier-free guidance at scale ``guidance`` (default: [sample] guidance, else 1); the
     .npz then holds ``labels`` too."""
     given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, "guidance": guidance}
-    given.update(sample_options)
-    run_config = load_run_config(run_dir)
-    sc = merge_config(
-        run_config, {"sample": {k: v for k, v in given.items() if v is not None}}, "sample options"
-    ).sample
+    sc = _sample_config(run_dir, {**given, **sample_options})
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
     run = load_run(run_dir, use_ema=sc.use_ema, device=device)
-    schedule, shape, T = run.schedule, run.sample_shape, run.schedule.num_timesteps
+    shape, T = run.sample_shape, run.schedule.num_timesteps
     if steps is not None and steps > T:
         raise ConfigError(f"steps must be at most T={T}, got {steps}")
     num_steps = T if sc.steps is None else min(sc.steps, T)  # the [sample] default may exceed T
@@ -469,87 +466,145 @@ def sample_run(
     label = parse_class(sc.class_label if class_label is None else class_label, names)
     if label is None and guidance is not None:
         raise ConfigError("--guidance needs --class (a class index, name or 'all')")
-    per_class = CLASS_GRID_DEFAULT if sc.num is None else sc.num
-    num = default_num(shape) if sc.num is None else sc.num
-    if label == "all":
-        num = per_class * run.model.num_classes if run.model.num_classes else num
+    num, per_class = _num_samples(sc, shape, label, run.model)
     class_labels = class_labels_for(run.model, num, label)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
-    how = "" if sc.sampler == "ancestral" else f"_{sc.sampler}{num_steps}"
-    if class_labels is not None:
-        how += f"_class{label}_w{1.0 if sc.guidance is None else sc.guidance:g}"
-    stem = f"step_{run.checkpoint.step:07d}_seed{sc.seed}{how}" + ("" if sc.use_ema else "_raw")
-    is_image = len(shape) > 1
-    dims = math.prod(shape)
-    columns = {"x0": (np.float32, (num, *shape))}
-    if is_image:
-        columns["images"] = (np.uint8, (num, shape[1], shape[2], shape[0]))
-    if class_labels is not None:
-        columns["labels"] = (np.int64, (num,))
-    check_disk_space(out_dir, sum(np.dtype(t).itemsize for t, _ in columns.values()) * dims * num)
+    stem = _sample_stem(run.checkpoint.step, sc, num_steps, label, class_labels is not None)
+    columns = _npz_columns(shape, num, labelled=class_labels is not None)
+    itemsizes = sum(np.dtype(dtype).itemsize for dtype, _ in columns.values())
+    check_disk_space(out_dir, itemsizes * math.prod(shape) * num)
     grid = sc.grid or DEFAULT_GRIDS[sc.sampler]
-    kept = timestep_grid(schedule, num_steps, grid) if num_steps < T else torch.arange(T)
-    record = sorted(
-        set(np.linspace(0, num_steps - 1, min(num_steps, 9)).round().astype(int).tolist())
-    )
-    config = dataclasses.replace(run.config, sample=sc)
+    trajectory_labels = _trajectory_labels(run.schedule, num_steps, grid)
     batches = iter_samples(
         run.model,
-        schedule,
+        run.schedule,
         shape,
-        config,
+        dataclasses.replace(run.config, sample=sc),
         num=num,
         steps=num_steps,
         seed=sc.seed,
         batch_size=batch_size,
         device=run.device,
-        record=record if trajectory else (),
+        record=list(trajectory_labels) if trajectory else (),
         progress=progress,
         class_labels=class_labels,
     )
-    # What the PNG shows: the first 64 images (gathered over batches), or the first batch of points,
-    # or with --class all the first CLASS_GRID_COLUMNS of each class; the trajectory is the first
-    # batch's.
-    kept_x0: list[Tensor] = []
-    trajectories: list[dict] = []
-    class_rows: list[Tensor] = []
-
-    def arrays():
-        start = 0
-        for out in batches:
-            x0 = out.x0.float().cpu()
-            if not trajectories:
-                trajectories.append(out.trajectory)
-                kept_x0.append(x0)
-            elif is_image and sum(len(k) for k in kept_x0) < PREVIEW_IMAGES:
-                kept_x0.append(x0[: PREVIEW_IMAGES - sum(len(k) for k in kept_x0)])
-            rows = torch.arange(start, start + len(x0))
-            if label == "all":
-                class_rows.append(x0[rows % per_class < CLASS_GRID_COLUMNS])
-            chunk = {"x0": x0.numpy()}
-            if is_image:
-                chunk["images"] = viz.to_uint8(x0)
-            if class_labels is not None:
-                chunk["labels"] = class_labels[rows].numpy()
-            start += len(x0)
-            yield chunk
-
-    npz = write_npz_stream(out_dir / f"{stem}.npz", columns, arrays())
-    if label == "all" and is_image:
-        shown = torch.cat(class_rows)
-        png = viz.save_labelled_rows(
-            shown, names or [str(i) for i in range(run.model.num_classes)], out_dir / f"{stem}.png"
-        )
-    else:
-        shown = torch.cat(kept_x0)[:PREVIEW_IMAGES] if is_image else kept_x0[0]
-        png = save_samples(shown, out_dir / f"{stem}.png", title=f"step {run.checkpoint.step}")
+    preview = _Preview(len(shape) > 1, per_class if label == "all" else None)
+    npz = write_npz_stream(
+        out_dir / f"{stem}.npz", columns, _npz_rows(batches, class_labels, preview)
+    )
+    shown, png = _save_preview(
+        preview,
+        out_dir / f"{stem}.png",
+        step=run.checkpoint.step,
+        class_names=names,
+        num_classes=getattr(run.model, "num_classes", None),
+    )
     traj_png = None
     if trajectory:
-        labels = {i: f"t={int(kept[i]) + 1}" for i in record}
         traj_png = viz.save_trajectory(
-            trajectories[0], out_dir / f"{stem}_trajectory.png", labels=labels
+            preview.trajectory, out_dir / f"{stem}_trajectory.png", labels=trajectory_labels
         )
     return SampleResult(png, npz, traj_png, run.checkpoint.step, shown, num, len(shown))
+
+
+def _sample_config(run_dir: str | Path, given: dict[str, Any]) -> SampleConfig:
+    """The run's [sample] section with the options given (None leaves a key as the run has it)."""
+    overrides = {"sample": {k: v for k, v in given.items() if v is not None}}
+    return merge_config(load_run_config(run_dir), overrides, "sample options").sample
+
+
+def _num_samples(sc: SampleConfig, shape, label: int | str | None, model) -> tuple[int, int]:
+    """How many samples to draw, and how many of each class with --class all."""
+    per_class = CLASS_GRID_DEFAULT if sc.num is None else sc.num
+    num = default_num(shape) if sc.num is None else sc.num
+    if label == "all":
+        num = per_class * model.num_classes if model.num_classes else num
+    return num, per_class
+
+
+def _sample_stem(step: int, sc: SampleConfig, num_steps: int, label, conditional: bool) -> str:
+    how = "" if sc.sampler == "ancestral" else f"_{sc.sampler}{num_steps}"
+    if conditional:
+        how += f"_class{label}_w{1.0 if sc.guidance is None else sc.guidance:g}"
+    return f"step_{step:07d}_seed{sc.seed}{how}" + ("" if sc.use_ema else "_raw")
+
+
+def _npz_columns(shape, num: int, *, labelled: bool) -> dict[str, tuple]:
+    """The arrays of ``sample_run``'s .npz, {name: (dtype, shape)}."""
+    columns = {"x0": (np.float32, (num, *shape))}
+    if len(shape) > 1:
+        columns["images"] = (np.uint8, (num, shape[1], shape[2], shape[0]))
+    if labelled:
+        columns["labels"] = (np.int64, (num,))
+    return columns
+
+
+def _trajectory_labels(schedule: NoiseSchedule, num_steps: int, grid: str) -> dict[int, str]:
+    """The sampling steps a trajectory picture shows (at most 9, evenly spaced, both ends included),
+    each labelled with its paper step t on the chain's grid."""
+    T = schedule.num_timesteps
+    kept = timestep_grid(schedule, num_steps, grid) if num_steps < T else torch.arange(T)
+    record = sorted(
+        set(np.linspace(0, num_steps - 1, min(num_steps, 9)).round().astype(int).tolist())
+    )
+    return {i: f"t={int(kept[i]) + 1}" for i in record}
+
+
+class _Preview:
+    """What the PNG shows, gathered while the batches stream to the .npz: the first 64 images (over
+    batches), or the first batch of points, or with --class all (``per_class`` samples of each) the
+    first CLASS_GRID_COLUMNS of each class; and the first batch's trajectory."""
+
+    def __init__(self, is_image: bool, per_class: int | None) -> None:
+        self.is_image = is_image
+        self.per_class = per_class
+        self.x0: list[Tensor] = []
+        self.class_rows: list[Tensor] = []
+        self.trajectory: dict = {}
+
+    def add(self, x0: Tensor, rows: Tensor, trajectory: dict) -> None:
+        """One batch: its samples ``x0`` are rows ``rows`` of all the samples."""
+        if not self.x0:
+            self.trajectory = trajectory
+            self.x0.append(x0)
+        elif self.is_image and sum(len(k) for k in self.x0) < PREVIEW_IMAGES:
+            self.x0.append(x0[: PREVIEW_IMAGES - sum(len(k) for k in self.x0)])
+        if self.per_class is not None:
+            self.class_rows.append(x0[rows % self.per_class < CLASS_GRID_COLUMNS])
+
+    def first(self) -> Tensor:
+        """The first 64 images, or the first batch of points."""
+        return torch.cat(self.x0)[:PREVIEW_IMAGES] if self.is_image else self.x0[0]
+
+
+def _save_preview(
+    preview: _Preview, path: Path, *, step: int, class_names, num_classes
+) -> tuple[Tensor, Path]:
+    """The PNG of ``sample_run`` and the samples it shows: with --class all one row per class,
+    named by the run's class names (else by index)."""
+    if preview.per_class is not None and preview.is_image:
+        shown = torch.cat(preview.class_rows)
+        names = class_names or [str(i) for i in range(num_classes)]
+        return shown, viz.save_labelled_rows(shown, names, path)
+    shown = preview.first()
+    return shown, save_samples(shown, path, title=f"step {step}")
+
+
+def _npz_rows(batches, class_labels: Tensor | None, preview: _Preview):
+    """The .npz row blocks of each batch (x0; uint8 images; labels), shown to ``preview`` on the way."""
+    start = 0
+    for out in batches:
+        x0 = out.x0.float().cpu()
+        rows = torch.arange(start, start + len(x0))
+        preview.add(x0, rows, out.trajectory)
+        chunk = {"x0": x0.numpy()}
+        if preview.is_image:
+            chunk["images"] = viz.to_uint8(x0)
+        if class_labels is not None:
+            chunk["labels"] = class_labels[rows].numpy()
+        start += len(x0)
+        yield chunk
 
 
 def check_disk_space(folder: Path, needed: int) -> None:
