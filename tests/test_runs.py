@@ -74,11 +74,11 @@ def test_eval_records_the_sampler_options_it_used(run_with_sample_options, tmp_p
 
 def test_eval_options_override_the_run(run_with_sample_options, spy_sampler, tmp_path):
     eval_run(
-        run_with_sample_options, num=20, steps=5, out_dir=tmp_path, progress=False, order=1,
+        run_with_sample_options, num=20, steps=5, out_dir=tmp_path, progress=False,
         sampler="ddim",
     )  # fmt: skip
     assert spy_sampler[0]["sampler"] == "ddim" and spy_sampler[0]["eta"] == 0.5
-    assert "order" not in spy_sampler[0]
+    assert "order" not in spy_sampler[0]  # the run's order 3 is DPM-Solver++'s, not DDIM's
 
 
 def test_training_previews_use_the_same_path(make_config, spy_sampler, tmp_path):
@@ -262,3 +262,27 @@ def test_a_run_saved_before_sample_precision_keeps_sampling_in_fp32(trained_run,
     (copy / "config.json").write_text(json.dumps(data))
     assert load_run_config(copy).sample.precision == "fp32"
     assert load_run_config(trained_run).sample.precision == "auto"  # new runs
+
+
+def test_ddpm_sample_and_eval_take_the_sampling_precision(trained_run, tmp_path, autocast_spy):
+    args = ["--num", "3", "--steps", "2", "--precision", "bf16", "-q"]
+    assert main(["sample", str(trained_run), *args, "--out", str(tmp_path / "s")]) == 0
+    assert autocast_spy and all(call[1] == torch.bfloat16 for call in autocast_spy)
+    report = eval_run(trained_run, num=20, steps=2, precision="fp32", out_dir=tmp_path / "e",
+                      progress=False)  # fmt: skip
+    assert report.results["protocol"]["precision"] == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "option", "takers"),
+    [("unipc", {"eta": 0.5}, "ddim sampler;"), ("ancestral", {"order": 3}, "unipc samplers;")],
+)
+def test_an_option_the_chosen_sampler_does_not_take_is_refused(
+    trained_run, tmp_path, sampler, option, takers
+):
+    from ddpm.errors import ConfigError
+
+    for draw in (sample_run, eval_run):
+        with pytest.raises(ConfigError, match=f"{next(iter(option))} is an option of .*{takers}"):
+            draw(trained_run, num=4, steps=2, sampler=sampler, out_dir=tmp_path, **option)
+    assert not any(tmp_path.iterdir())  # refused before anything is written

@@ -109,6 +109,7 @@ def _sampler_options(args: argparse.Namespace) -> dict:
         "dynamic_threshold": args.dynamic_threshold,
         "class_label": args.class_label,
         "guidance": args.guidance,
+        "precision": args.precision,
     }
 
 
@@ -377,6 +378,12 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
         metavar="W",
         help="classifier-free guidance scale: 1 plain conditional (default), 0 unconditional, "
         "> 1 stronger (with --class)",
+    )
+    p.add_argument(
+        "--precision",
+        metavar="P",
+        help="the network's autocast while sampling: auto (new runs: bf16 where native), fp32, "
+        "bf16, fp16 (CUDA); the sampler itself computes in fp32",
     )
 
 

@@ -83,7 +83,7 @@ def resolve_precision(name: str, device: torch.device, *, images: bool = True) -
         return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise ConfigError(
-            f"precision fp16 needs a CUDA device (it trains with a gradient scaler); on {device.type} "
+            f"precision fp16 needs a CUDA device (float16 autocast is a GPU path here); on {device.type} "
             "use bf16 or fp32"
         )
     if name == "bf16" and device.type == "cpu" and not native_bf16():

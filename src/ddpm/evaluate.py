@@ -39,12 +39,13 @@ from ddpm import metrics, viz
 from ddpm.checkpoint import atomic_write_bytes
 from ddpm.config import RunConfig, merge_config
 from ddpm.data import ArrayDataset, load_dataset
-from ddpm.devices import describe_device
+from ddpm.devices import describe_device, resolve_precision
 from ddpm.errors import ConfigError
 from ddpm.likelihood import BoundTerms, bits_per_dim_summary, variational_bound
 from ddpm.nets.classifier import Classifier
 from ddpm.runs import (
     LoadedRun,
+    check_sampler_options,
     class_labels_for,
     draw,
     load_data,
@@ -585,6 +586,7 @@ def eval_run(
     config = merge_config(
         run.config, {"sample": {k: v for k, v in given.items() if v is not None}}, "eval options"
     )
+    check_sampler_options(sampler, given)
     _check_steps(steps, config.diffusion.num_timesteps)
     cache_path = _cache_path(cache)
     shape, kind = tuple(meta["data"]["sample_shape"]), meta["data"]["kind"]
@@ -702,6 +704,7 @@ def _eval_protocol(
         "grid": req.grid if steps is not None and steps < T else "full chain",
         "sampler_options": sampler_options(config, is_image=kind == "image"),
         "device": describe_device(run.device),
+        "precision": resolve_precision(config.sample.precision, run.device, images=kind == "image"),
         "num_timesteps": T,
         "seed": req.seed,
         "reference_split": req.ref_split

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -54,7 +55,7 @@ from ddpm.errors import ConfigError, DDPMError, RunDirError
 from ddpm.guidance import classifier_free_guidance
 from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet
 from ddpm.objective import Objective
-from ddpm.samplers import DEFAULT_GRIDS, SamplerOutput, sample, timestep_grid
+from ddpm.samplers import DEFAULT_GRIDS, SAMPLERS, SamplerOutput, sample, timestep_grid
 from ddpm.schedules import NoiseSchedule
 
 Tensor = torch.Tensor
@@ -511,7 +512,23 @@ def sample_run(
 def _sample_config(run_dir: str | Path, given: dict[str, Any]) -> SampleConfig:
     """The run's [sample] section with the options given (None leaves a key as the run has it)."""
     overrides = {"sample": {k: v for k, v in given.items() if v is not None}}
-    return merge_config(load_run_config(run_dir), overrides, "sample options").sample
+    sc = merge_config(load_run_config(run_dir), overrides, "sample options").sample
+    check_sampler_options(sc.sampler, given)
+    return sc
+
+
+def check_sampler_options(sampler: str, given: dict[str, Any]) -> None:
+    """Refuse an option given for a sampler that does not take it (eta: DDIM; order: DPM-Solver++,
+    its SDE form and UniPC): ignored silently, ``--sampler unipc --eta 0.5`` would look as if it
+    had done something."""
+    takes = inspect.signature(SAMPLERS[sampler]).parameters
+    for name in ("eta", "order"):
+        if given.get(name) is not None and name not in takes:
+            takers = [s for s, f in SAMPLERS.items() if name in inspect.signature(f).parameters]
+            raise ConfigError(
+                f"{name} is an option of the {', '.join(takers)} sampler{'s' * (len(takers) > 1)}; "
+                f"{sampler!r} takes none"
+            )
 
 
 def _num_samples(sc: SampleConfig, shape, label: int | str | None, model) -> tuple[int, int]:
