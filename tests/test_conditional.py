@@ -17,6 +17,7 @@ from conftest import cond_config
 from ddpm.checkpoint import latest_checkpoint
 from ddpm.cli import main
 from ddpm.data import load_dataset
+from ddpm.devices import at_precision, resolve_precision
 from ddpm.evaluate import eval_run, load_classifier, quantize
 from ddpm.objective import Objective
 from ddpm.runs import load_run, sample_run, sampler_options
@@ -92,8 +93,9 @@ def _conditional_reference(run_dir, label: int, num: int, steps: int) -> torch.T
     run = load_run(run_dir, device="cpu")
     labels = torch.full((num,), label)
     cfg = run.config.sample
+    net = at_precision(run.model, run.device, resolve_precision(cfg.precision, run.device))
     return sample(
-        lambda x, t: run.model(x, t, class_labels=labels),
+        lambda x, t: net(x, t, class_labels=labels),
         run.schedule,
         (num, *run.sample_shape),
         sampler=cfg.sampler,
