@@ -288,24 +288,63 @@ def unet_kwargs_from_diffusers(config: dict[str, Any]) -> tuple[dict[str, Any], 
     cls = config.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
         raise ConfigError(f"config.json describes a {cls}; ddpm imports UNet2DModel only")
+    notes = _unknown_key_notes(config)
+    settings = {**DIFFUSERS_UNET_DEFAULTS, **config}  # what UNet2DModel would build
+    problems = _fixed_setting_problems(settings)
+    boc, attention_levels, block_problems = _block_layout(settings)
+    size, size_problems = _square_sample_size(settings["sample_size"])
+    num_heads, head_problems = _num_heads(settings["attention_head_dim"], boc, attention_levels)
+    problems += block_problems + size_problems + head_problems
+    problems += _norm_problems(settings) + _time_embedding_problems(settings, base=boc[0])
+    problems += _resampling_problems(settings) + _output_problems(settings)
+    if problems:
+        raise ConfigError("ddpm's U-Net cannot express this UNet2DModel: " + "; ".join(problems))
+    kwargs = {
+        "in_channels": settings["in_channels"],
+        "image_size": size,
+        "base_channels": boc[0],
+        "channel_mult": [c // boc[0] for c in boc],
+        "num_res_blocks": int(settings["layers_per_block"]),
+        "attention_resolutions": [size // 2**lv for lv in sorted(attention_levels)],
+        "num_heads": num_heads,
+        "dropout": float(settings["dropout"]),
+        "learn_sigma": settings["out_channels"] == 2 * settings["in_channels"],
+        "norm_groups": settings["norm_num_groups"],
+        "norm_eps": float(settings["norm_eps"]),
+        "flip_sin_to_cos": bool(settings["flip_sin_to_cos"]),
+        "freq_shift": settings["freq_shift"],
+        "downsample_padding": settings["downsample_padding"],
+    }
+    return kwargs, notes
+
+
+def _unknown_key_notes(config: dict[str, Any]) -> list[str]:
+    """A note per key that neither UNet2DModel nor ddpm reads (keys starting "_" are metadata)."""
     known = set(DIFFUSERS_UNET_DEFAULTS)
-    notes = [
+    return [
         f"ignored unknown config key {k!r}"
         for k in sorted(config)
         if not k.startswith("_") and k not in known and k not in _IGNORED_KEYS
     ]
 
-    def get(key):
-        return config.get(key, DIFFUSERS_UNET_DEFAULTS[key])
 
-    problems = []
-    for key, accepted in _FIXED.items():
-        if get(key) not in accepted:
-            problems.append(f"{key}={get(key)!r} (ddpm: {accepted[0]!r})")
-    boc = [int(c) for c in get("block_out_channels")]
-    down, up = list(get("down_block_types")), list(get("up_block_types"))
+def _fixed_setting_problems(settings: dict[str, Any]) -> list[str]:
+    """The settings (of ``_FIXED``) for which ddpm's U-Net has no other choice, set otherwise."""
+    return [
+        f"{key}={settings[key]!r} (ddpm: {accepted[0]!r})"
+        for key, accepted in _FIXED.items()
+        if settings[key] not in accepted
+    ]
+
+
+def _block_layout(settings: dict[str, Any]) -> tuple[list[int], set[int], list[str]]:
+    """block_out_channels, the levels with attention (0 = full resolution), and what ddpm's U-Net
+    cannot express of the channels and the block types."""
+    boc = [int(c) for c in settings["block_out_channels"]]
+    down, up = list(settings["down_block_types"]), list(settings["up_block_types"])
     n = len(boc)
     base = boc[0]
+    problems = []
     if any(c % base for c in boc):
         problems.append(f"block_out_channels={boc} (each must be a multiple of the first)")
     if len(down) != n or len(up) != n:
@@ -318,13 +357,25 @@ def unet_kwargs_from_diffusers(config: dict[str, Any]) -> tuple[dict[str, Any], 
     attn_up = {n - 1 - i for i, b in enumerate(up) if b == "AttnUpBlock2D"}
     if attn_down != attn_up:
         problems.append("attention at different levels on the way down and up")
-    size = get("sample_size")
+    return boc, attn_down, problems
+
+
+def _square_sample_size(sample_size: Any) -> tuple[Any, list[str]]:
+    """The side of square images (an int, or a list of equal ints), or the problem with it."""
+    size = sample_size
     if isinstance(size, list | tuple):
         size = size[0] if len(set(size)) == 1 else None
     if not isinstance(size, int):
-        problems.append(f"sample_size={get('sample_size')!r} (ddpm: one int, square images)")
-    head_dim = get("attention_head_dim")
-    widths = [boc[i] for i in sorted(attn_down)] + [boc[-1]]  # attention levels and the middle
+        return size, [f"sample_size={sample_size!r} (ddpm: one int, square images)"]
+    return size, []
+
+
+def _num_heads(
+    head_dim: int | None, boc: list[int], attention_levels: set[int]
+) -> tuple[int | None, list[str]]:
+    """ddpm's one num_heads for diffusers' attention_head_dim (None: one head) at every attention
+    level and in the middle, or None and the problem when the head counts differ."""
+    widths = [boc[i] for i in sorted(attention_levels)] + [boc[-1]]
     if head_dim is None:
         heads = {1}
     else:
@@ -332,42 +383,41 @@ def unet_kwargs_from_diffusers(config: dict[str, Any]) -> tuple[dict[str, Any], 
         if any(c % head_dim for c in widths):
             heads.add(-1)
     if len(heads) != 1:
-        problems.append(
+        return None, [
             f"attention_head_dim={head_dim} gives different head counts at widths {widths} "
             "(ddpm: one num_heads)"
-        )
-    groups, attn_groups = get("norm_num_groups"), get("attn_norm_num_groups")
+        ]
+    return heads.pop(), []
+
+
+def _norm_problems(settings: dict[str, Any]) -> list[str]:
+    """ddpm's U-Net has one GroupNorm group count, attention's norms included."""
+    groups, attn_groups = settings["norm_num_groups"], settings["attn_norm_num_groups"]
     if attn_groups not in (None, groups):
-        problems.append(f"attn_norm_num_groups={attn_groups} differs from norm_num_groups={groups}")
-    emb_dim = get("time_embedding_dim")
+        return [f"attn_norm_num_groups={attn_groups} differs from norm_num_groups={groups}"]
+    return []
+
+
+def _time_embedding_problems(settings: dict[str, Any], base: int) -> list[str]:
+    """ddpm's time embedding is 4 x the first level's width wide, as Ho et al.'s."""
+    emb_dim = settings["time_embedding_dim"]
     if emb_dim not in (None, 4 * base):
-        problems.append(f"time_embedding_dim={emb_dim} (ddpm: 4 x block_out_channels[0])")
-    if get("downsample_padding") not in (0, 1):
-        problems.append(f"downsample_padding={get('downsample_padding')} (ddpm: 0 or 1)")
-    c_in, c_out = get("in_channels"), get("out_channels")
+        return [f"time_embedding_dim={emb_dim} (ddpm: 4 x block_out_channels[0])"]
+    return []
+
+
+def _resampling_problems(settings: dict[str, Any]) -> list[str]:
+    if settings["downsample_padding"] not in (0, 1):
+        return [f"downsample_padding={settings['downsample_padding']} (ddpm: 0 or 1)"]
+    return []
+
+
+def _output_problems(settings: dict[str, Any]) -> list[str]:
+    """ddpm's output has the input's channels, or twice them (eps and the learned variance)."""
+    c_in, c_out = settings["in_channels"], settings["out_channels"]
     if c_out not in (c_in, 2 * c_in):
-        problems.append(
-            f"out_channels={c_out} (ddpm: in_channels, or twice for a learned variance)"
-        )
-    if problems:
-        raise ConfigError("ddpm's U-Net cannot express this UNet2DModel: " + "; ".join(problems))
-    kwargs = {
-        "in_channels": c_in,
-        "image_size": size,
-        "base_channels": base,
-        "channel_mult": [c // base for c in boc],
-        "num_res_blocks": int(get("layers_per_block")),
-        "attention_resolutions": [size // 2**lv for lv in sorted(attn_down)],
-        "num_heads": heads.pop(),
-        "dropout": float(get("dropout")),
-        "learn_sigma": c_out == 2 * c_in,
-        "norm_groups": groups,
-        "norm_eps": float(get("norm_eps")),
-        "flip_sin_to_cos": bool(get("flip_sin_to_cos")),
-        "freq_shift": get("freq_shift"),
-        "downsample_padding": get("downsample_padding"),
-    }
-    return kwargs, notes
+        return [f"out_channels={c_out} (ddpm: in_channels, or twice for a learned variance)"]
+    return []
 
 
 def diffusers_config_from_unet(net: UNet) -> dict[str, Any]:

@@ -456,49 +456,28 @@ def sample_run(
     .npz then holds ``labels`` too."""
     given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, "guidance": guidance}
     sc = _sample_config(run_dir, {**given, **sample_options})
-    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
-    run = load_run(run_dir, use_ema=sc.use_ema, device=device)
-    shape, T = run.sample_shape, run.schedule.num_timesteps
-    if steps is not None and steps > T:
-        raise ConfigError(f"steps must be at most T={T}, got {steps}")
-    num_steps = T if sc.steps is None else min(sc.steps, T)  # the [sample] default may exceed T
-    names = run.checkpoint.meta.get("data", {}).get("class_names")
-    label = parse_class(sc.class_label if class_label is None else class_label, names)
-    if label is None and guidance is not None:
-        raise ConfigError("--guidance needs --class (a class index, name or 'all')")
-    num, per_class = _num_samples(sc, shape, label, run.model)
-    class_labels = class_labels_for(run.model, num, label)
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
-    stem = _sample_stem(run.checkpoint.step, sc, num_steps, label, class_labels is not None)
-    columns = _npz_columns(shape, num, labelled=class_labels is not None)
-    itemsizes = sum(np.dtype(dtype).itemsize for dtype, _ in columns.values())
-    check_disk_space(out_dir, itemsizes * math.prod(shape) * num)
-    grid = sc.grid or DEFAULT_GRIDS[sc.sampler]
-    trajectory_labels = _trajectory_labels(run.schedule, num_steps, grid)
-    batches = iter_samples(
-        run.model,
-        run.schedule,
-        shape,
-        dataclasses.replace(run.config, sample=sc),
-        num=num,
-        steps=num_steps,
-        seed=sc.seed,
-        batch_size=batch_size,
-        device=run.device,
-        record=list(trajectory_labels) if trajectory else (),
-        progress=progress,
-        class_labels=class_labels,
+    _check_batch_size(batch_size)
+    plan = _plan_samples(
+        run_dir, sc, device, steps=steps, class_label=class_label, guidance=guidance
     )
-    preview = _Preview(len(shape) > 1, per_class if label == "all" else None)
+    run, labelled = plan.run, plan.class_labels is not None
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "generated"
+    stem = _sample_stem(run.checkpoint.step, sc, plan.num_steps, plan.label, labelled)
+    columns = _npz_columns(run.sample_shape, plan.num, labelled=labelled)
+    check_disk_space(out_dir, _npz_bytes(columns, run.sample_shape, plan.num))
+    grid = sc.grid or DEFAULT_GRIDS[sc.sampler]
+    trajectory_labels = _trajectory_labels(run.schedule, plan.num_steps, grid)
+    record = list(trajectory_labels) if trajectory else ()
+    batches = _sample_batches(plan, batch_size=batch_size, record=record, progress=progress)
+    preview = _Preview(len(run.sample_shape) > 1, plan.per_class if plan.label == "all" else None)
     npz = write_npz_stream(
-        out_dir / f"{stem}.npz", columns, _npz_rows(batches, class_labels, preview)
+        out_dir / f"{stem}.npz", columns, _npz_rows(batches, plan.class_labels, preview)
     )
     shown, png = _save_preview(
         preview,
         out_dir / f"{stem}.png",
         step=run.checkpoint.step,
-        class_names=names,
+        class_names=plan.class_names,
         num_classes=getattr(run.model, "num_classes", None),
     )
     traj_png = None
@@ -506,7 +485,76 @@ def sample_run(
         traj_png = viz.save_trajectory(
             preview.trajectory, out_dir / f"{stem}_trajectory.png", labels=trajectory_labels
         )
-    return SampleResult(png, npz, traj_png, run.checkpoint.step, shown, num, len(shown))
+    return SampleResult(png, npz, traj_png, run.checkpoint.step, shown, plan.num, len(shown))
+
+
+class _SamplePlan(NamedTuple):
+    """What ``sample_run`` draws: from which run, with which [sample] settings, on how many steps,
+    how many samples (``per_class`` of each class with --class all) and of which classes."""
+
+    run: LoadedRun
+    sc: SampleConfig
+    num_steps: int
+    label: int | str | None  # a class index, "all", or None (unconditional or the null class)
+    num: int
+    per_class: int
+    class_labels: Tensor | None  # [num]; None: unconditional
+    class_names: list[str] | None
+
+
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
+def _plan_samples(
+    run_dir: str | Path,
+    sc: SampleConfig,
+    device: torch.device | str | None,
+    *,
+    steps: int | None,
+    class_label: int | str | None,
+    guidance: float | None,
+) -> _SamplePlan:
+    """Load the run and resolve what to draw (``steps``, ``class_label``, ``guidance``: as given to
+    ``sample_run``, checked against the run)."""
+    run = load_run(run_dir, use_ema=sc.use_ema, device=device)
+    T = run.schedule.num_timesteps
+    if steps is not None and steps > T:
+        raise ConfigError(f"steps must be at most T={T}, got {steps}")
+    num_steps = T if sc.steps is None else min(sc.steps, T)  # the [sample] default may exceed T
+    names = run.checkpoint.meta.get("data", {}).get("class_names")
+    label = parse_class(sc.class_label if class_label is None else class_label, names)
+    if label is None and guidance is not None:
+        raise ConfigError("--guidance needs --class (a class index, name or 'all')")
+    num, per_class = _num_samples(sc, run.sample_shape, label, run.model)
+    class_labels = class_labels_for(run.model, num, label)
+    return _SamplePlan(run, sc, num_steps, label, num, per_class, class_labels, names)
+
+
+def _npz_bytes(columns: dict[str, tuple], shape, num: int) -> int:
+    """A bound on the bytes of ``sample_run``'s .npz: every column as large as x0 in its dtype."""
+    itemsizes = sum(np.dtype(dtype).itemsize for dtype, _ in columns.values())
+    return itemsizes * math.prod(shape) * num
+
+
+def _sample_batches(plan: _SamplePlan, *, batch_size: int | None, record, progress: bool):
+    """``iter_samples`` of the plan: its run's network and schedule with its [sample] settings."""
+    run = plan.run
+    return iter_samples(
+        run.model,
+        run.schedule,
+        run.sample_shape,
+        dataclasses.replace(run.config, sample=plan.sc),
+        num=plan.num,
+        steps=plan.num_steps,
+        seed=plan.sc.seed,
+        batch_size=batch_size,
+        device=run.device,
+        record=record,
+        progress=progress,
+        class_labels=plan.class_labels,
+    )
 
 
 def _sample_config(run_dir: str | Path, given: dict[str, Any]) -> SampleConfig:

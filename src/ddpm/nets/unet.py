@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -164,36 +166,11 @@ class UNet(nn.Module):
         num_classes: int | None = None,
     ):
         super().__init__()
-        num_levels = len(channel_mult)
-        if num_levels < 1:
-            raise ConfigError("channel_mult must name at least one level")
-        if isinstance(num_res_blocks, int):
-            res_blocks = [num_res_blocks] * num_levels
-        else:
-            res_blocks = [int(n) for n in num_res_blocks]
-        if len(res_blocks) != num_levels or min(res_blocks) < 1:
-            raise ConfigError(
-                f"num_res_blocks must be a positive int or {num_levels} of them, got {num_res_blocks}"
-            )
-        factor = 2 ** (num_levels - 1)
-        if image_size < factor or image_size % factor:
-            raise ConfigError(
-                f"image size {image_size} is not divisible by {factor}, "
-                f"which this UNet's {num_levels} resolution levels need"
-            )
-        if upsample not in UPSAMPLE_MODES:
-            raise ConfigError(f"unknown upsample {upsample!r}; known: {', '.join(UPSAMPLE_MODES)}")
+        res_blocks = _res_blocks_per_level(channel_mult, num_res_blocks)
+        _check_resampling(image_size, len(channel_mult), upsample, downsample_padding)
         if out_channels is None:
             out_channels = 2 * in_channels if learn_sigma else in_channels
-        if downsample_padding not in DOWNSAMPLE_PADDINGS:
-            raise ConfigError(f"downsample_padding must be 0 or 1, got {downsample_padding!r}")
-        widths = {base_channels * m for m in channel_mult}
-        widths |= {a + b for a in widths for b in widths}  # the up path's concatenations
-        if norm_groups is not None and any(c % norm_groups for c in widths):
-            raise ConfigError(
-                f"norm_groups {norm_groups} does not divide every width of this U-Net "
-                f"({', '.join(map(str, sorted(widths)))})"
-            )
+        _check_norm_groups(norm_groups, base_channels, channel_mult)
         self.config = {
             "in_channels": in_channels,
             "image_size": image_size,
@@ -206,70 +183,38 @@ class UNet(nn.Module):
             "learn_sigma": bool(learn_sigma),
             "out_channels": out_channels,
             "upsample": upsample,
+            "norm_groups": norm_groups,
+            "norm_eps": float(norm_eps),
+            "flip_sin_to_cos": bool(flip_sin_to_cos),
+            "freq_shift": freq_shift,
+            "downsample_padding": downsample_padding,
         }
-        self.config.update(
-            norm_groups=norm_groups,
-            norm_eps=float(norm_eps),
-            flip_sin_to_cos=bool(flip_sin_to_cos),
-            freq_shift=freq_shift,
-            downsample_padding=downsample_padding,
-        )
         self.flip_sin_to_cos, self.freq_shift = bool(flip_sin_to_cos), freq_shift
+        self.in_channels, self.image_size = in_channels, image_size
+        self.out_channels, self.base_channels = out_channels, base_channels
 
-        def norm(channels: int) -> nn.GroupNorm:
-            return group_norm(channels, norm_groups, norm_eps)
-
-        self.in_channels = in_channels
-        self.image_size = image_size
-        self.out_channels = out_channels
-
-        # Ho et al.: sinusoids of dimension base_channels, then a 2-layer MLP to 4 * base_channels.
-        self.base_channels = base_channels
+        # Modules are created in forward order: the same seed then gives the same weights.
         emb_channels = 4 * base_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
-        )
-
-        def block_list(ch_in, ch_out, resolution):
-            layers = nn.ModuleList([ResBlock(ch_in, ch_out, emb_channels, dropout, norm)])
-            if resolution in attention_resolutions:
-                layers.append(AttentionBlock(ch_out, num_heads, norm))
-            return layers
-
+        self.time_embed = _time_embedding_mlp(base_channels, emb_channels)
+        norm = functools.partial(group_norm, groups=norm_groups, eps=norm_eps)
+        blocks = _BlockMaker(emb_channels, dropout, norm, num_heads, attention_resolutions)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_channels = [base_channels]
-        ch, resolution = base_channels, image_size
-        for level, mult in enumerate(channel_mult):
-            for _ in range(res_blocks[level]):
-                self.down.append(block_list(ch, mult * base_channels, resolution))
-                ch = mult * base_channels
-                skip_channels.append(ch)
-            if level != num_levels - 1:
-                self.down.append(nn.ModuleList([Downsample(ch, downsample_padding)]))
-                skip_channels.append(ch)
-                resolution //= 2
-
-        self.middle = nn.ModuleList(
-            [
-                ResBlock(ch, ch, emb_channels, dropout, norm),
-                AttentionBlock(ch, num_heads, norm),
-                ResBlock(ch, ch, emb_channels, dropout, norm),
-            ]
+        self.down, skip_channels = _down_path(
+            blocks, base_channels, channel_mult, res_blocks, image_size, downsample_padding
         )
-
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(res_blocks[level] + 1):
-                layers = block_list(ch + skip_channels.pop(), mult * base_channels, resolution)
-                ch = mult * base_channels
-                if level and i == res_blocks[level]:
-                    layers.append(Upsample(ch, conv_first=upsample == "conv_nearest"))
-                    resolution *= 2
-                self.up.append(layers)
-
-        self.norm_out = norm(ch)
-        self.conv_out = zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.middle = _middle(blocks, skip_channels[-1])
+        self.up = _up_path(
+            blocks,
+            base_channels,
+            channel_mult,
+            res_blocks,
+            skip_channels,
+            resolution=image_size // 2 ** (len(channel_mult) - 1),
+            conv_first=upsample == "conv_nearest",
+        )
+        width = base_channels * channel_mult[0]  # where the up path ends
+        self.norm_out = norm(width)
+        self.conv_out = zero_module(nn.Conv2d(width, out_channels, 3, padding=1))
         # Built last, so that every other weight draws the same random numbers as an unconditional net.
         self.num_classes, self.class_embed = class_embedding(num_classes, emb_channels)
         if num_classes is not None:
@@ -321,6 +266,151 @@ class UNet(nn.Module):
         for layer in layers:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
+
+
+# --------------------------------------------------------------------------------------------------
+# UNet's construction, one step each
+# --------------------------------------------------------------------------------------------------
+
+
+def _res_blocks_per_level(
+    channel_mult: Sequence[int], num_res_blocks: int | Sequence[int]
+) -> list[int]:
+    """The residual-block count of each level (on the way down); ConfigError if there is none."""
+    num_levels = len(channel_mult)
+    if num_levels < 1:
+        raise ConfigError("channel_mult must name at least one level")
+    if isinstance(num_res_blocks, int):
+        res_blocks = [num_res_blocks] * num_levels
+    else:
+        res_blocks = [int(n) for n in num_res_blocks]
+    if len(res_blocks) != num_levels or min(res_blocks) < 1:
+        raise ConfigError(
+            f"num_res_blocks must be a positive int or {num_levels} of them, got {num_res_blocks}"
+        )
+    return res_blocks
+
+
+def _check_resampling(
+    image_size: int, num_levels: int, upsample: str, downsample_padding: int
+) -> None:
+    """ConfigError unless ``image_size`` halves exactly at each level and the resamplers exist."""
+    factor = 2 ** (num_levels - 1)
+    if image_size < factor or image_size % factor:
+        raise ConfigError(
+            f"image size {image_size} is not divisible by {factor}, "
+            f"which this UNet's {num_levels} resolution levels need"
+        )
+    if upsample not in UPSAMPLE_MODES:
+        raise ConfigError(f"unknown upsample {upsample!r}; known: {', '.join(UPSAMPLE_MODES)}")
+    if downsample_padding not in DOWNSAMPLE_PADDINGS:
+        raise ConfigError(f"downsample_padding must be 0 or 1, got {downsample_padding!r}")
+
+
+def _check_norm_groups(
+    norm_groups: int | None, base_channels: int, channel_mult: Sequence[int]
+) -> None:
+    """ConfigError unless ``norm_groups`` (None: chosen per width) divides every width normalised."""
+    widths = {base_channels * m for m in channel_mult}
+    widths |= {a + b for a in widths for b in widths}  # the up path's concatenations
+    if norm_groups is not None and any(c % norm_groups for c in widths):
+        raise ConfigError(
+            f"norm_groups {norm_groups} does not divide every width of this U-Net "
+            f"({', '.join(map(str, sorted(widths)))})"
+        )
+
+
+def _time_embedding_mlp(base_channels: int, emb_channels: int) -> nn.Sequential:
+    """Ho et al.: sinusoids of dimension base_channels, then a 2-layer MLP to emb_channels."""
+    return nn.Sequential(
+        nn.Linear(base_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockMaker:
+    """Builds UNet's blocks, which share the time-embedding width, dropout, norm and head count."""
+
+    emb_channels: int
+    dropout: float
+    norm: Callable[[int], nn.Module]
+    num_heads: int
+    attention_resolutions: Sequence[int]
+
+    def res_block(self, ch_in: int, ch_out: int) -> ResBlock:
+        return ResBlock(ch_in, ch_out, self.emb_channels, self.dropout, self.norm)
+
+    def attention(self, channels: int) -> AttentionBlock:
+        return AttentionBlock(channels, self.num_heads, self.norm)
+
+    def level_block(self, ch_in: int, ch_out: int, resolution: int) -> nn.ModuleList:
+        """A residual block, followed by attention at the attention resolutions."""
+        layers = nn.ModuleList([self.res_block(ch_in, ch_out)])
+        if resolution in self.attention_resolutions:
+            layers.append(self.attention(ch_out))
+        return layers
+
+
+def _down_path(
+    blocks: _BlockMaker,
+    base_channels: int,
+    channel_mult: Sequence[int],
+    res_blocks: Sequence[int],
+    image_size: int,
+    downsample_padding: int,
+) -> tuple[nn.ModuleList, list[int]]:
+    """The way down (each level's blocks, then a Downsample but at the last level), and the
+    width of every skip connection it leaves: conv_in's first, then one per entry of the path."""
+    down = nn.ModuleList()
+    skip_channels = [base_channels]
+    ch, resolution = base_channels, image_size
+    for level, mult in enumerate(channel_mult):
+        for _ in range(res_blocks[level]):
+            down.append(blocks.level_block(ch, mult * base_channels, resolution))
+            ch = mult * base_channels
+            skip_channels.append(ch)
+        if level != len(channel_mult) - 1:
+            down.append(nn.ModuleList([Downsample(ch, downsample_padding)]))
+            skip_channels.append(ch)
+            resolution //= 2
+    return down, skip_channels
+
+
+def _middle(blocks: _BlockMaker, channels: int) -> nn.ModuleList:
+    """Residual block, self-attention, residual block at the lowest resolution."""
+    return nn.ModuleList(
+        [
+            blocks.res_block(channels, channels),
+            blocks.attention(channels),
+            blocks.res_block(channels, channels),
+        ]
+    )
+
+
+def _up_path(
+    blocks: _BlockMaker,
+    base_channels: int,
+    channel_mult: Sequence[int],
+    res_blocks: Sequence[int],
+    skip_channels: Sequence[int],
+    *,
+    resolution: int,
+    conv_first: bool,
+) -> nn.ModuleList:
+    """The way up from ``resolution``: one block more per level than down, each taking a skip
+    connection (the last one first), then an Upsample but at full resolution."""
+    skips = list(skip_channels)
+    ch = skips[-1]  # the middle's width
+    up = nn.ModuleList()
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        for i in range(res_blocks[level] + 1):
+            layers = blocks.level_block(ch + skips.pop(), mult * base_channels, resolution)
+            ch = mult * base_channels
+            if level and i == res_blocks[level]:
+                layers.append(Upsample(ch, conv_first=conv_first))
+                resolution *= 2
+            up.append(layers)
+    return up
 
 
 # Architectures by name. Attention is given by level (0 = full resolution) so that one preset serves
