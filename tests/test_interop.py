@@ -312,6 +312,26 @@ def test_an_unmappable_config_is_reported_whole_and_nothing_is_written(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"block_out_channels": [32, 64, 64]}, "3 block_out_channels but 2 down_block_types"),
+        ({"block_out_channels": [0, 32]}, "block_out_channels must be positive integers"),
+        ({"block_out_channels": "wide"}, "block_out_channels must be positive integers"),
+        ({"attention_head_dim": 0}, "attention_head_dim must be a positive integer"),
+        ({"down_block_types": "DownBlock2D"}, "must be lists"),
+    ],
+)
+def test_a_malformed_config_is_one_line_not_a_traceback(tmp_path, capsys, change, says):
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({**SMALL, **change}))
+    code = main(["import", str(src), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == ConfigError.exit_code and len(err.strip().splitlines()) == 1 and says in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_not_a_model_folder_and_an_existing_run_dir_are_one_line_errors(tmp_path, capsys):
     assert main(["import", str(tmp_path), "--run-dir", str(tmp_path / "run")]) == 2
     (tmp_path / "run").mkdir()

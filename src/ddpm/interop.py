@@ -290,6 +290,7 @@ def unet_kwargs_from_diffusers(config: dict[str, Any]) -> tuple[dict[str, Any], 
         raise ConfigError(f"config.json describes a {cls}; ddpm imports UNet2DModel only")
     notes = _unknown_key_notes(config)
     settings = {**DIFFUSERS_UNET_DEFAULTS, **config}  # what UNet2DModel would build
+    _check_layout_values(settings)
     problems = _fixed_setting_problems(settings)
     boc, attention_levels, block_problems = _block_layout(settings)
     size, size_problems = _square_sample_size(settings["sample_size"])
@@ -337,6 +338,35 @@ def _fixed_setting_problems(settings: dict[str, Any]) -> list[str]:
     ]
 
 
+def _positive_ints(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    )
+
+
+def _check_layout_values(settings: dict[str, Any]) -> None:
+    """The values the rest of the mapping indexes and divides by, checked first: a config.json that
+    is malformed (rather than merely beyond ddpm's U-Net) gets one line, not an IndexError."""
+    boc, down, up = (
+        settings[k] for k in ("block_out_channels", "down_block_types", "up_block_types")
+    )
+    if not boc or not _positive_ints(boc):
+        raise ConfigError(f"config.json: block_out_channels must be positive integers, got {boc!r}")
+    if not isinstance(down, list | tuple) or not isinstance(up, list | tuple):
+        raise ConfigError("config.json: down_block_types and up_block_types must be lists")
+    if len(down) != len(boc) or len(up) != len(boc):
+        raise ConfigError(
+            f"config.json: {len(boc)} block_out_channels but {len(down)} down_block_types and "
+            f"{len(up)} up_block_types (UNet2DModel needs one of each per level; diffusers' defaults "
+            "have four)"
+        )
+    head_dim = settings["attention_head_dim"]
+    if head_dim is not None and not _positive_ints([head_dim]):
+        raise ConfigError(
+            f"config.json: attention_head_dim must be a positive integer, got {head_dim!r}"
+        )
+
+
 def _block_layout(settings: dict[str, Any]) -> tuple[list[int], set[int], list[str]]:
     """block_out_channels, the levels with attention (0 = full resolution), and what ddpm's U-Net
     cannot express of the channels and the block types."""
@@ -347,8 +377,6 @@ def _block_layout(settings: dict[str, Any]) -> tuple[list[int], set[int], list[s
     problems = []
     if any(c % base for c in boc):
         problems.append(f"block_out_channels={boc} (each must be a multiple of the first)")
-    if len(down) != n or len(up) != n:
-        problems.append("down_block_types / up_block_types do not match block_out_channels")
     bad = [b for b in down if b not in ("DownBlock2D", "AttnDownBlock2D")]
     bad += [b for b in up if b not in ("UpBlock2D", "AttnUpBlock2D")]
     if bad:
