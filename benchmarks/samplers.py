@@ -39,6 +39,7 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parent)
 )  # benchmarks/mixtures.py, run from anywhere
 
+import ddpm.samplers as solvers  # noqa: E402
 from ddpm.samplers import network_evaluations, sample, steps_for_evaluations  # noqa: E402
 from ddpm.schedules import NoiseSchedule  # noqa: E402
 from mixtures import ExactSlicedW, check_denoiser, exact_denoiser, family  # noqa: E402
@@ -60,6 +61,9 @@ SAMPLERS = [
     ("unipc-2 karras", "unipc", {"order": 2}, "karras"),
     ("heun karras", "heun", {}, "karras"),
     ("sde_dpm_solver++ 2M", "sde_dpm_solver", {"order": 2}, "logsnr"),
+    ("dpm_solver++ 2M linspace", "dpm_solver", {"order": 2}, "linspace"),
+    ("sde_dpm_solver++ 2M linspace", "sde_dpm_solver", {"order": 2}, "linspace"),
+    ("sde_dpm_solver++ 3M linspace", "sde_dpm_solver", {"order": 3}, "linspace"),
 ]
 # Not in the default list (a --quick run of 2026-11-30 had them no better than bh2 at 20-50 NFE and
 # worse at 5-10); select with --samplers.
@@ -94,6 +98,11 @@ def main() -> None:
     parser.add_argument("--mixtures", help="comma-separated member names (default: all)")
     parser.add_argument("--samplers", help="comma-separated labels (default: all)")
     parser.add_argument("--schedule", default="linear")
+    parser.add_argument(
+        "--max-step-growth", type=float, default=solvers.MAX_STEP_GROWTH,
+        help="ddpm.samplers.MAX_STEP_GROWTH for this run (inf: the multistep solvers as published, "
+        "whatever the step ratio)",
+    )  # fmt: skip
     parser.add_argument("--report", metavar="JSON", help="print the tables of an earlier run's JSON "
                         "again (and refresh its summary) instead of sampling")  # fmt: skip
     parser.add_argument(
@@ -117,6 +126,7 @@ def main() -> None:
     seeds = args.seeds or (1 if args.quick else 3)
     out_path = args.out or (None if args.quick else "benchmarks/results/samplers.json")
     torch.set_num_threads(1)  # small tensors: a second thread only adds synchronisation
+    solvers.MAX_STEP_GROWTH = args.max_step_growth
 
     members = family()
     if args.mixtures:

@@ -267,6 +267,44 @@ def _differences(
     return d1_0, first, second
 
 
+# A multistep update extrapolates D along lambda from the previous steps; where this step is more than
+# MAX_STEP_GROWTH times one of them, the extrapolation amplifies their differences (and, in the SDE
+# form, the noise between consecutive predictions) instead of estimating a derivative. On grids
+# uneven in lambda (linspace for the linear schedule: its last step is 4x the one before), at 20
+# points, SDE-DPM-Solver++ 3M then ended 123x, its 2M 18x and DPM-Solver++ 2M 14x worse than the
+# chain on the worst exact mixture of benchmarks/samplers.py; with the order lowered there, 3.9x,
+# 2.1x and 1.9x (README, "Sampler accuracy"). On the linear chain, log-SNR grids never trigger it
+# at order 2 (the cosine chain's can, where rounding to whole steps near t = 0 makes them uneven).
+MAX_STEP_GROWTH = 2.0
+
+
+def multistep_order(
+    schedule: NoiseSchedule, i: int, order: int, history: int, *, lower_order_final: bool = True
+) -> int:
+    """The order of a DPM-Solver++ (ODE or SDE) update from grid index i: at most ``order`` and the
+    number of x0 predictions so far (``history``: the first steps warm up); with
+    ``lower_order_final`` and fewer than 15 points, lowered at the end as the authors recommend
+    (i = updates still to come, counting the final jump to x_0); and lowered to j wherever the step
+    j back is shorter than this one by more than ``MAX_STEP_GROWTH`` in lambda."""
+    k = min(order, history)
+    if lower_order_final and schedule.num_timesteps < 15:
+        k = min(k, max(i, 1))
+    return _within_step_growth(schedule, i, k)
+
+
+def _within_step_growth(schedule: NoiseSchedule, i: int, k: int) -> int:
+    """k, or the largest j < k such that none of the j - 1 steps before the one from index i is
+    shorter than it by more than MAX_STEP_GROWTH in lambda."""
+    if i == 0 or k < 2:
+        return k
+    lam = _half_log_snr(schedule)
+    h = float(lam[i - 1] - lam[i])
+    for j in range(1, k):
+        if MAX_STEP_GROWTH * float(lam[i + j - 1] - lam[i + j]) < h:
+            return j
+    return k
+
+
 def _multistep(
     denoise: Callable[[Tensor, Tensor, Tensor], PMeanVariance],
     schedule: NoiseSchedule,
@@ -275,17 +313,14 @@ def _multistep(
     step: Callable[[int, Tensor, list[Tensor], int], Tensor],
 ) -> Callable[[int, Tensor, Tensor, Tensor], Tensor]:
     """The update of a DPM-Solver++ loop: the model's x0 prediction at every point (the last three
-    kept, newest last), the order warmed up from 1 and, with ``lower_order_final`` and fewer than 15
-    points, brought down at the end; ``step(i, x, x0_preds, order)`` makes the move."""
-    T = schedule.num_timesteps
+    kept, newest last), the order of ``multistep_order``; ``step(i, x, x0_preds, order)`` makes the
+    move."""
     x0_preds: list[Tensor] = []
 
     def update(i, t, t_model, x):
         x0_preds.append(denoise(x, t, t_model).x0_pred)
         del x0_preds[:-3]
-        k = min(order, len(x0_preds))
-        if lower_order_final and T < 15:
-            k = min(k, max(i, 1))  # i = updates still to come, counting the final jump to x_0
+        k = multistep_order(schedule, i, order, len(x0_preds), lower_order_final=lower_order_final)
         return step(i, x, x0_preds, k)
 
     return update
@@ -311,7 +346,8 @@ def dpm_solver_sample(
     ``dpm_solver_step`` at every point, with the model's x0 prediction there.
 
     The first steps use lower orders (no history yet); with ``lower_order_final`` so do the last ones
-    when there are fewer than 15 steps, as the authors recommend. The last update goes to alpha_bar = 1
+    when there are fewer than 15 steps, as the authors recommend, and so does any step more than
+    ``MAX_STEP_GROWTH`` times a previous one (``multistep_order``; rare on log-SNR grids). The last update goes to alpha_bar = 1
     (x_0) and returns the data prediction there (the final denoising step). Deterministic:
     ``generator`` is unused.
     """
@@ -542,7 +578,8 @@ def unipc_sample(
     """UniPC (Zhao et al. 2023): at every grid point the model's x0 prediction first corrects the point
     just predicted (``unipc_correct``, skipped at the first point or with ``corrector=False``), then
     the predictor (``unipc_step``) moves on from the corrected point. Orders warm up from 1 and, with
-    ``lower_order_final`` (their code's default), come down at the end: order <= i + 1 at index i.
+    ``lower_order_final`` (their code's default), come down at the end: order <= i + 1 at index i,
+    and at any step more than ``MAX_STEP_GROWTH`` times a previous one (rare on log-SNR grids).
     The last update returns the x0 prediction at index 0 (the final denoising step). Deterministic."""
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
@@ -564,6 +601,7 @@ def unipc_sample(
         x0_preds.append(x0_pred)
         del x0_preds[:-order]
         k = min(order, len(x0_preds), i + 1 if lower_order_final else order)
+        k = _within_step_growth(schedule, i, k)  # see MAX_STEP_GROWTH
         last[:] = [(x, k)]
         return unipc_step(schedule, i, x, x0_preds, order=k, variant=variant)
 
