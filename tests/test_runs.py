@@ -286,3 +286,19 @@ def test_an_option_the_chosen_sampler_does_not_take_is_refused(
         with pytest.raises(ConfigError, match=f"{next(iter(option))} is an option of .*{takers}"):
             draw(trained_run, num=4, steps=2, sampler=sampler, out_dir=tmp_path, **option)
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_info_says_how_the_run_samples_by_default(trained_run, tmp_path):
+    from ddpm.runs import describe_run
+
+    assert (
+        "sampling:   sde_dpm_solver, order 2 on 4 logsnr points, precision auto"
+        in describe_run(trained_run)
+    )
+    old = tmp_path / "old"  # a run saved before 2026-12-01: ancestral on the full chain, fp32
+    shutil.copytree(trained_run, old)
+    data = json.loads((old / "config.json").read_text())
+    data["sample"] |= {"sampler": "ancestral", "steps": None}
+    del data["sample"]["precision"]
+    (old / "config.json").write_text(json.dumps(data))
+    assert "sampling:   ancestral on the full chain, precision fp32" in describe_run(old)

@@ -764,6 +764,16 @@ def lock_run_dir(run_dir: Path):
         os.close(fd)  # releases the lock
 
 
+def _sampling_summary(sc: SampleConfig, T: int) -> str:
+    """What ``ddpm sample`` does by default for this run, in one line."""
+    options = "".join(f", {k} {v:g}" for k, v in sc.sampler_options().items())
+    steps = T if sc.steps is None else min(sc.steps, T)
+    where = "the full chain" if steps == T and sc.grid in (None, "linspace") else (
+        f"{steps} {sc.grid or DEFAULT_GRIDS[sc.sampler]} points"
+    )  # fmt: skip
+    return f"{sc.sampler}{options} on {where}, precision {sc.precision}"
+
+
 def describe_run(run_dir: str | Path) -> str:
     """A few lines about a run: its config, network, progress, last loss and checkpoints."""
     run_dir = Path(run_dir)
@@ -798,6 +808,7 @@ def describe_run(run_dir: str | Path) -> str:
         f"training:   batch {tc.batch_size}, lr {tc.lr:g}, EMA {tc.ema_decay:g}, seed {tc.seed}"
         + f", precision {tc.precision}"
     )
+    lines.append(f"sampling:   {_sampling_summary(config.sample, df.num_timesteps)}")
     if meta is not None:
         lines.append(
             f"step:       {meta['step']} ({meta.get('elapsed_s', 0.0) / 60:.1f} min of training)"
