@@ -109,6 +109,11 @@ def main() -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     samplers = SAMPLERS
     if args.samplers:
+        unknown = [n for n in args.samplers.split(",") if n not in {s[0] for s in SAMPLERS}]
+        if unknown:  # before anything is sampled or written
+            raise SystemExit(
+                f"unknown sampler label(s) {unknown}; known: {', '.join(s[0] for s in SAMPLERS)}"
+            )
         samplers = [s for s in SAMPLERS if s[0] in args.samplers.split(",")]
 
     model, config, ckpt = load_run_model(args.run)

@@ -130,11 +130,10 @@ def main() -> None:
 
     members = family()
     if args.mixtures:
-        wanted = args.mixtures.split(",")
-        members = [m for m in members if m.name in wanted]
+        members = [m for m in members if m.name in _known(args.mixtures, [m.name for m in members])]
     samplers = SAMPLERS
     if args.samplers:
-        wanted = args.samplers.split(",")
+        wanted = _known(args.samplers, [s[0] for s in SAMPLERS + EXTRA_SAMPLERS])
         samplers = [s for s in SAMPLERS + EXTRA_SAMPLERS if s[0] in wanted]
     schedule = NoiseSchedule.from_name(args.schedule, 1000)
     start_all = time.monotonic()
@@ -163,6 +162,15 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     _write_json(Path(out_path), out)
+
+
+def _known(requested: str, known: list[str]) -> list[str]:
+    """The comma-separated names asked for, refused in one line unless every one is known."""
+    names = requested.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown name(s) {unknown}; known: {', '.join(known)}")
+    return names
 
 
 def _print_markdown(summary: dict[str, list[dict]]) -> None:

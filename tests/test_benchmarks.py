@@ -90,3 +90,23 @@ def test_sampler_figure_draws_one_captioned_row_per_sampler_and_budget(trained_r
     assert w4 > w1 and 3.5 * h1 < h4 < 4 * h1  # a wider caption band; four rows of tiles
     bad, _ = figure("--samplers", "nope")
     assert bad.returncode != 0 and "unknown sampler label" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [("samplers.py", ["--quick", "--mixtures", "2d-3,nope"]),
+     ("samplers.py", ["--quick", "--samplers", "nope"]),
+     ("sampler_quality.py", ["RUN", "--samplers", "ddim,nope"])],
+)  # fmt: skip
+def test_an_unknown_mixture_or_sampler_label_is_refused_before_any_work(
+    trained_run, tmp_path, script, args
+):
+    path = Path(__file__).parent.parent / "benchmarks" / script
+    args = [str(trained_run) if a == "RUN" else a for a in args]
+    out = tmp_path / "out.json"
+    done = subprocess.run(
+        [sys.executable, str(path), *args, "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "unknown" in done.stderr and "nope" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
