@@ -13,8 +13,9 @@ schedule's coefficients. Sampling runs under ``torch.no_grad``.
 Every solver's update is also a public *step function* that never calls the model (like diffusers'
 ``step()``): it takes the schedule, the grid index ``i`` it steps from, x at that point and the x_0
 predictions the caller got from the model, and returns x at index i - 1 (at i = 0: the sample x_0).
-``dpm_solver_step``, ``unipc_step`` / ``unipc_correct``, ``euler_step`` / ``heun_step``. Multistep
-solvers take ``x0_preds``, the predictions at the latest grid points i, i + 1, ... *newest last*.
+``dpm_solver_step``, ``sde_dpm_solver_step`` (and the step's noise), ``unipc_step`` / ``unipc_correct``,
+``euler_step`` / ``heun_step``. Multistep solvers take ``x0_preds``, the predictions at the latest grid
+points i, i + 1, ... *newest last*, and ``multistep_order`` gives the order the samplers use at i.
 
 Notation of the ODE solvers, translated into our names: their alpha_t is sqrt(alpha_bar) ("alpha" below),
 sigma_t = sqrt(1 - alpha_bar) ("sigma"), lambda = log(alpha / sigma) = log_snr / 2, and EDM's sigma is
@@ -347,9 +348,9 @@ def dpm_solver_sample(
 
     The first steps use lower orders (no history yet); with ``lower_order_final`` so do the last ones
     when there are fewer than 15 steps, as the authors recommend, and so does any step more than
-    ``MAX_STEP_GROWTH`` times a previous one (``multistep_order``; rare on log-SNR grids). The last update goes to alpha_bar = 1
-    (x_0) and returns the data prediction there (the final denoising step). Deterministic:
-    ``generator`` is unused.
+    ``MAX_STEP_GROWTH`` times a previous one (``multistep_order``; rare on log-SNR grids). The last
+    update goes to alpha_bar = 1 (x_0) and returns the data prediction there (the final denoising
+    step). Deterministic: ``generator`` is unused.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
