@@ -291,9 +291,8 @@ def test_an_option_the_chosen_sampler_does_not_take_is_refused(
 def test_info_says_how_the_run_samples_by_default(trained_run, tmp_path):
     from ddpm.runs import describe_run
 
-    assert (
-        "sampling:   sde_dpm_solver, order 2 on 4 logsnr points, precision auto"
-        in describe_run(trained_run)
+    assert "sampling:   sde_dpm_solver, order 2 on 4 logsnr points, precision auto" in describe_run(
+        trained_run
     )
     old = tmp_path / "old"  # a run saved before 2026-12-01: ancestral on the full chain, fp32
     shutil.copytree(trained_run, old)
@@ -302,3 +301,17 @@ def test_info_says_how_the_run_samples_by_default(trained_run, tmp_path):
     del data["sample"]["precision"]
     (old / "config.json").write_text(json.dumps(data))
     assert "sampling:   ancestral on the full chain, precision fp32" in describe_run(old)
+
+
+@pytest.mark.parametrize("name", ["samples.npz", "a_file"])
+def test_an_out_path_that_names_a_file_is_refused_and_nothing_is_written(
+    trained_run, tmp_path, name
+):
+    from ddpm.errors import ConfigError
+
+    out = tmp_path / name
+    if name == "a_file":
+        out.write_text("keep me")
+    with pytest.raises(ConfigError, match="folder"):
+        sample_run(trained_run, num=2, steps=2, out_dir=out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if name == "a_file" else [])

@@ -457,6 +457,7 @@ def sample_run(
     given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, "guidance": guidance}
     sc = _sample_config(run_dir, {**given, **sample_options})
     _check_batch_size(batch_size)
+    _check_out_dir(out_dir)
     plan = _plan_samples(
         run_dir, sc, device, steps=steps, class_label=class_label, guidance=guidance
     )
@@ -505,6 +506,23 @@ class _SamplePlan(NamedTuple):
 def _check_batch_size(batch_size: int | None) -> None:
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
+def _check_out_dir(out_dir: str | Path | None) -> None:
+    """``out_dir`` is a folder (the file names carry the step, seed and sampler): a path that names
+    a file, or ends like one that does not exist yet, is refused rather than made into a folder."""
+    if out_dir is None:
+        return
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"--out {path} is a file; it must be a folder (the files get their own names)"
+        )
+    if not path.exists() and path.suffix.lower() in (".npz", ".png", ".npy", ".jpg"):
+        raise ConfigError(
+            f"--out {path} looks like a file name; it is the folder to write into (the .png and .npz "
+            "get their names from the step, seed and sampler)"
+        )
 
 
 def _plan_samples(
