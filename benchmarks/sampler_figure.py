@@ -27,7 +27,7 @@ from ddpm.devices import PRECISIONS, autocast, resolve_precision  # noqa: E402
 from ddpm.runs import build_schedule, load_run_model  # noqa: E402
 from ddpm.samplers import network_evaluations, sample, steps_for_evaluations  # noqa: E402
 from ddpm.viz import save_labelled_rows  # noqa: E402
-from sampler_quality import SAMPLERS  # noqa: E402
+from sampler_quality import select_samplers  # noqa: E402
 
 DEFAULT_SAMPLERS = "ancestral,ddim,dpm_solver++ 2M,unipc-2,sde_dpm_solver++ 2M"
 
@@ -45,11 +45,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--out", default="samplers.png", help="PNG path")
     args = parser.parse_args()
-    known = {s[0]: s for s in SAMPLERS}
-    labels = args.samplers.split(",")
-    unknown = [label for label in labels if label not in known]
-    if unknown:
-        raise SystemExit(f"unknown sampler label(s) {unknown}; known: {', '.join(known)}")
+    chosen = select_samplers(args.samplers)
     budgets = [int(b) for b in args.budgets.split(",")]
 
     model, config, ckpt = load_run_model(args.run)
@@ -64,7 +60,7 @@ def main() -> None:
     schedule = build_schedule(config.diffusion)
     shape = (args.num, *ckpt.meta["data"]["sample_shape"])
     rows = [] if args.no_chain else [("ancestral", {}, "linspace", schedule.num_timesteps)]
-    rows += [(known[label], k) for label in labels for k in budgets]
+    rows += [(entry, k) for entry in chosen for k in budgets]
     images, captions, start = [], [], time.monotonic()
     for entry in rows:
         if len(entry) == 2:

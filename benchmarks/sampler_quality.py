@@ -56,6 +56,16 @@ SAMPLERS = [
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+def select_samplers(labels: str) -> list[tuple]:
+    """The table's rows named by comma-separated labels, in that order; an unknown label is one
+    line before anything is sampled or written."""
+    known = {s[0]: s for s in SAMPLERS}
+    unknown = [label for label in labels.split(",") if label not in known]
+    if unknown:
+        raise SystemExit(f"unknown sampler label(s) {unknown}; known: {', '.join(known)}")
+    return [known[label] for label in labels.split(",")]
+
+
 def interval(values: list[float]) -> tuple[float, float]:
     """(mean, half-width of the 95% t-interval of the mean); the half-width is nan for one value."""
     m = statistics.fmean(values)
@@ -107,14 +117,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/sampler_quality.json")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
-    samplers = SAMPLERS
-    if args.samplers:
-        unknown = [n for n in args.samplers.split(",") if n not in {s[0] for s in SAMPLERS}]
-        if unknown:  # before anything is sampled or written
-            raise SystemExit(
-                f"unknown sampler label(s) {unknown}; known: {', '.join(s[0] for s in SAMPLERS)}"
-            )
-        samplers = [s for s in SAMPLERS if s[0] in args.samplers.split(",")]
+    samplers = select_samplers(args.samplers) if args.samplers else SAMPLERS
 
     model, config, ckpt = load_run_model(args.run)
     model = model.to(args.device)

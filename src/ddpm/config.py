@@ -304,10 +304,22 @@ class SampleConfig:
         _one_of("sample.precision", self.precision, PRECISIONS)
 
     def sampler_options(self) -> dict[str, Any]:
-        """The options of this section that the chosen sampler takes, read from its signature (eta
-        for DDIM, order for DPM-Solver++ and UniPC): a new sampler needs no line here."""
-        params = inspect.signature(SAMPLERS[self.sampler]).parameters
-        return {name: getattr(self, name) for name in ("eta", "order") if name in params}
+        """The options of this section that the chosen sampler takes (``sampler_takes``)."""
+        return {
+            name: getattr(self, name)
+            for name in SAMPLER_OPTIONS
+            if sampler_takes(self.sampler, name)
+        }
+
+
+# [sample] keys that only some samplers take.
+SAMPLER_OPTIONS = ("eta", "order")
+
+
+def sampler_takes(sampler: str, option: str) -> bool:
+    """Whether the sampler takes the option, read from its signature (eta: DDIM; order:
+    DPM-Solver++, its SDE form and UniPC): a new sampler needs no line here."""
+    return option in inspect.signature(SAMPLERS[sampler]).parameters
 
 
 @dataclass(frozen=True)

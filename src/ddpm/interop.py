@@ -790,6 +790,57 @@ def _equivalent_groups(net: UNet) -> list[int | None]:
     return [groups, None] if same and groups is not None else [groups]
 
 
+def _imported_schedule(
+    scheduler_path: Path | None, unet_config: dict, kwargs: dict, notes: list[str]
+) -> tuple[dict, dict]:
+    """[diffusion] and [sample] values of the scheduler config (DDPMScheduler's defaults without
+    one), refused unless its variance fits the UNet's output channels; notes appended."""
+    if scheduler_path is not None:
+        diffusion, sample, more = schedule_from_diffusers(
+            _read_json(scheduler_path, "scheduler config")
+        )
+        notes += more
+    else:
+        diffusion, sample = {}, {}
+        notes.append(f"no {SCHEDULER_CONFIG}: DDPMScheduler's defaults assumed (linear, T=1000)")
+    learned = diffusion.get("variance") == "learned_range"
+    if learned != kwargs["learn_sigma"]:
+        raise ConfigError(
+            f"the UNet has {unet_config.get('out_channels')} output channels but the scheduler's "
+            f"variance is {diffusion.get('variance', 'fixed_small')}: they do not fit together"
+        )
+    return diffusion, sample
+
+
+def _imported_config(
+    net: UNet, shape: tuple, data: str, data_root: str | None, diffusion: dict, sample: dict,
+    notes: list[str],
+) -> tuple[str, RunConfig]:  # fmt: skip
+    """(closest preset, the run's config) of an imported network; a note when no preset with
+    overrides rebuilds it."""
+    preset, overrides, differences = _preset_for(net)
+    if differences:
+        notes.append(
+            f"[model] cannot rebuild this network (closest preset {preset!r} differs in "
+            f"{', '.join(differences)}): sampling, nll, eval and export read the checkpoint's own "
+            "description; fine-tuning with ddpm train needs a trainer that does too"
+        )
+    config = RunConfig(
+        data=DataConfig(name=data, root=data_root, image_size=shape[-1]),
+        model=ModelConfig(
+            preset=preset,
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in overrides.items()
+                if k != "num_res_blocks" or isinstance(v, int)
+            },
+        ),
+        diffusion=DiffusionConfig(**diffusion),
+        sample=SampleConfig(**sample),
+    )
+    return preset, resolve_config(config, kind="image", sample_shape=shape)
+
+
 def import_diffusers(
     src: str | Path,
     run_dir: str | Path,
@@ -808,20 +859,7 @@ def import_diffusers(
     unet_dir, scheduler_path = find_diffusers_model(src)
     unet_config = _read_json(unet_dir / UNET_CONFIG, "UNet2DModel config")
     kwargs, notes = unet_kwargs_from_diffusers(unet_config)
-    if scheduler_path is not None:
-        diffusion, sample, more = schedule_from_diffusers(
-            _read_json(scheduler_path, "scheduler config")
-        )
-        notes += more
-    else:
-        diffusion, sample = {}, {}
-        notes.append(f"no {SCHEDULER_CONFIG}: DDPMScheduler's defaults assumed (linear, T=1000)")
-    learned = diffusion.get("variance") == "learned_range"
-    if learned != kwargs["learn_sigma"]:
-        raise ConfigError(
-            f"the UNet has {unet_config.get('out_channels')} output channels but the scheduler's "
-            f"variance is {diffusion.get('variance', 'fixed_small')}: they do not fit together"
-        )
+    diffusion, sample = _imported_schedule(scheduler_path, unet_config, kwargs, notes)
     tensors, sha256 = read_diffusers_weights(unet_dir)
     if any(t.dtype != torch.float32 for t in tensors.values()):
         notes.append("weights converted to float32")
@@ -833,27 +871,7 @@ def import_diffusers(
     if data is None:
         data = "cifar10" if shape == (3, 32, 32) else "folder"
         notes.append(f"data set {data!r} assumed: set --data / --data-root for nll, eval, train")
-    preset, overrides, differences = _preset_for(net)
-    if differences:
-        notes.append(
-            f"[model] cannot rebuild this network (closest preset {preset!r} differs in "
-            f"{', '.join(differences)}): sampling, nll, eval and export read the checkpoint's own "
-            "description; fine-tuning with ddpm train needs a trainer that does too"
-        )
-    config = RunConfig(
-        data=DataConfig(name=data, root=data_root, image_size=kwargs["image_size"]),
-        model=ModelConfig(
-            preset=preset,
-            **{
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in overrides.items()
-                if k != "num_res_blocks" or isinstance(v, int)
-            },
-        ),
-        diffusion=DiffusionConfig(**diffusion),
-        sample=SampleConfig(**sample),
-    )
-    config = resolve_config(config, kind="image", sample_shape=shape)
+    preset, config = _imported_config(net, shape, data, data_root, diffusion, sample, notes)
     num_parameters = count_parameters(net)
     meta = {
         "elapsed_s": 0.0,

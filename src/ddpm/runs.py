@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -42,12 +41,14 @@ from ddpm.checkpoint import (
 )
 from ddpm.config import (
     MLP_FIELDS,
+    SAMPLER_OPTIONS,
     DataConfig,
     DiffusionConfig,
     ModelConfig,
     RunConfig,
     SampleConfig,
     merge_config,
+    sampler_takes,
 )
 from ddpm.data import load_dataset
 from ddpm.devices import at_precision, default_sample_batch, resolve_device, resolve_precision
@@ -587,10 +588,9 @@ def check_sampler_options(sampler: str, given: dict[str, Any]) -> None:
     """Refuse an option given for a sampler that does not take it (eta: DDIM; order: DPM-Solver++,
     its SDE form and UniPC): ignored silently, ``--sampler unipc --eta 0.5`` would look as if it
     had done something."""
-    takes = inspect.signature(SAMPLERS[sampler]).parameters
-    for name in ("eta", "order"):
-        if given.get(name) is not None and name not in takes:
-            takers = [s for s, f in SAMPLERS.items() if name in inspect.signature(f).parameters]
+    for name in SAMPLER_OPTIONS:
+        if given.get(name) is not None and not sampler_takes(sampler, name):
+            takers = [s for s in SAMPLERS if sampler_takes(s, name)]
             raise ConfigError(
                 f"{name} is an option of the {', '.join(takers)} sampler{'s' * (len(takers) > 1)}; "
                 f"{sampler!r} takes none"
