@@ -7,6 +7,7 @@ import torch
 
 from ddpm.oracle import GaussianMixture
 from ddpm.samplers import (
+    LOG_SNR_LOW,
     SAMPLERS,
     ancestral_sample,
     ddim_sample,
@@ -190,6 +191,31 @@ def test_logsnr_sparse_grid_is_uniform_in_log_snr_above_minus_4_and_five_times_s
     assert torch.allclose(high, high.median().expand_as(high), rtol=0.1)
     assert abs(float(low.median() / high.median()) - 5) < 0.6
     assert float(log_snr[0]) == float(s.log_snr[-1]) and float(log_snr[-1]) == float(s.log_snr[0])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "quadratic", "sigmoid"])
+def test_logsnr_grid_is_uniform_in_log_snr_over_a_chain_that_ends_above_the_low_cutoff(schedule):
+    s = NoiseSchedule.from_name(schedule, 1000)
+    log_snr = s.log_snr[timestep_grid(s, 10, "logsnr")]
+    uniform = torch.linspace(float(s.log_snr[0]), float(s.log_snr[-1]), 10, dtype=torch.float64)
+    assert (log_snr - uniform).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("zero_terminal_snr,schedule", [(False, "cosine"), (True, "linear")])
+def test_logsnr_grid_crosses_the_chain_below_the_low_cutoff_in_one_step(
+    zero_terminal_snr, schedule
+):
+    # cosine spends its last 3 steps from log-SNR -11.5 to -19.8; a zero terminal SNR ends at -inf.
+    s = NoiseSchedule.from_name(schedule, 1000, zero_terminal_snr=zero_terminal_snr)
+    for k in (5, 10, 20):
+        steps = timestep_grid(s, k, "logsnr")
+        log_snr = s.log_snr[steps].clamp(min=-30.0)
+        assert len(steps) == k and int(steps[0]) == 0 and int(steps[-1]) == 999
+        assert (log_snr[:-1] > LOG_SNR_LOW - 0.5).all()  # one point below the cutoff: T-1
+        # The rest: the chain's steps nearest to uniform values between log-SNR at t = 0 and the
+        # cutoff (near the cutoff, cosine's own steps are 0.5-0.8 apart).
+        uniform = torch.linspace(float(s.log_snr[0]), LOG_SNR_LOW, k - 1, dtype=torch.float64)
+        assert (log_snr[:-1] - uniform).abs().max() < 0.45
 
 
 def test_logsnr_sparse_grid_converges_to_the_full_chain():

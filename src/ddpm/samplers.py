@@ -759,14 +759,30 @@ def quadratic_timesteps(num_timesteps: int, num_steps: int) -> Tensor:
     return _distinct(grid, num_timesteps)
 
 
+# Below this log-SNR (SNR 1.7e-5, EDM sigma 245) the x_0 prediction of data with unit variance is its mean
+# to within 0.5% of a standard deviation, so one step crosses the rest of the chain exactly.
+LOG_SNR_LOW = -11.0
+
+
 def log_snr_timesteps(schedule: NoiseSchedule, num_steps: int) -> Tensor:
     """ "logsnr": the steps whose log-SNR is nearest to K values uniform in log-SNR between the last and
-    the first step (DPM-Solver's "logSNR" spacing); starts at T-1, ends at 0."""
+    the first step (DPM-Solver's "logSNR" spacing); starts at T-1, ends at 0.
+
+    A chain that reaches below ``LOG_SNR_LOW`` (cosine: its clipped last beta takes log-SNR from -12.9
+    to -19.8 in one step; a zero terminal SNR: to -inf) gets T-1 and K-1 values uniform between
+    LOG_SNR_LOW and the first step: spread over the whole range, a third of a 10-point grid would sit in
+    the chain's last six steps (cosine), where the x_0 prediction no longer changes. The linear,
+    quadratic, sigmoid and constant chains end above it and keep DPM-Solver's grid."""
     T = schedule.num_timesteps
     _check_steps(T, num_steps)
     log_snr = schedule.log_snr.clamp(min=-30.0)  # a zero-terminal SNR is -inf
-    targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), num_steps, dtype=torch.float64)
-    return _nearest_log_snr(schedule, targets)
+    low = float(log_snr[-1])
+    if low >= LOG_SNR_LOW or num_steps < 3:
+        targets = torch.linspace(float(log_snr[0]), low, num_steps, dtype=torch.float64)
+        return _nearest_log_snr(schedule, targets)
+    targets = torch.linspace(float(log_snr[0]), LOG_SNR_LOW, num_steps - 1, dtype=torch.float64)
+    grid = torch.cat([_nearest_log_snr(schedule, targets), torch.tensor([T - 1])])
+    return _distinct(grid.sort().values, T)
 
 
 # "logsnr_sparse": below this log-SNR its points are LOW_SNR_SPARSITY times sparser than above it.
