@@ -290,6 +290,26 @@ ROWS: dict[str, Row] = {
     "checkpoint from a newer ddpm": Row(
         copied_run(_newer_checkpoint, "sample", "RUN", "-q"), 5, "is newer than this ddpm reads"
     ),
+    "sample --out names a file": Row(
+        with_file("f", lambda tmp, run: ["sample", str(run), "--out", "FILE", *SHORT]),
+        2,
+        "must be a folder",
+    ),
+    "eval --out names a file": Row(
+        with_file("f", lambda tmp, run: ["eval", str(run), "--out", "FILE", "--num", "4", "-q"]),
+        2,
+        "must be a folder",
+    ),
+    "nll --out names a file": Row(
+        with_file("f", lambda tmp, run: ["nll", str(run), "--out", "FILE", "--num", "2", "-q"]),
+        2,
+        "must be a folder",
+    ),
+    "eval --out looks like a file name": Row(
+        lambda tmp, run: ["eval", str(run), "--out", str(tmp / "result.json"), "-q"],
+        2,
+        "looks like a file name",
+    ),
     "output directory under a file": Row(
         with_file("f", lambda tmp, run: ["sample", str(run), "--out", "FILE/out", *SHORT]),
         1,

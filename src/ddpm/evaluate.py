@@ -45,6 +45,7 @@ from ddpm.likelihood import BoundTerms, bits_per_dim_summary, variational_bound
 from ddpm.nets.classifier import Classifier
 from ddpm.runs import (
     LoadedRun,
+    check_out_dir,
     check_sampler_options,
     class_labels_for,
     draw,
@@ -137,6 +138,7 @@ def nll_run(
     draws from. None: as the run samples (its [sample] clip_x0, images only)."""
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
+    check_out_dir(out_dir)
     run = load_run(run_dir, use_ema=use_ema, device=device)
     config, T = run.config, run.schedule.num_timesteps
     eval_steps = _strided_steps(eval_steps, T)
@@ -576,6 +578,7 @@ def eval_run(
     class c; "all" draws the classes in equal shares against the whole reference split. Either way
     ``class_accuracy`` is the fraction of samples the shipped classifier assigns to their class."""
     grid = _check_eval_options(num, batch_size, ref_num, sampler, grid, features)
+    check_out_dir(out_dir)
     run = load_run(run_dir, use_ema=use_ema, device=device)
     meta = run.checkpoint.meta
     label = parse_class(class_label, meta.get("data", {}).get("class_names"))

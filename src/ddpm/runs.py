@@ -458,7 +458,7 @@ def sample_run(
     given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, "guidance": guidance}
     sc = _sample_config(run_dir, {**given, **sample_options})
     _check_batch_size(batch_size)
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     plan = _plan_samples(
         run_dir, sc, device, steps=steps, class_label=class_label, guidance=guidance
     )
@@ -509,7 +509,7 @@ def _check_batch_size(batch_size: int | None) -> None:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
-def _check_out_dir(out_dir: str | Path | None) -> None:
+def check_out_dir(out_dir: str | Path | None) -> None:
     """``out_dir`` is a folder (the file names carry the step, seed and sampler): a path that names
     a file, or ends like one that does not exist yet, is refused rather than made into a folder."""
     if out_dir is None:
@@ -519,10 +519,17 @@ def _check_out_dir(out_dir: str | Path | None) -> None:
         raise ConfigError(
             f"--out {path} is a file; it must be a folder (the files get their own names)"
         )
-    if not path.exists() and path.suffix.lower() in (".npz", ".png", ".npy", ".jpg"):
+    if not path.exists() and path.suffix.lower() in (
+        ".npz",
+        ".png",
+        ".npy",
+        ".jpg",
+        ".json",
+        ".csv",
+    ):
         raise ConfigError(
-            f"--out {path} looks like a file name; it is the folder to write into (the .png and .npz "
-            "get their names from the step, seed and sampler)"
+            f"--out {path} looks like a file name; it is the folder to write into (the files get "
+            "their names from the step, seed and protocol)"
         )
 
 
