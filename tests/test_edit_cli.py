@@ -160,3 +160,13 @@ def test_bad_edit_input_is_one_line_and_writes_nothing(
     assert len(err) == 1 and err[0].startswith("ddpm: error: ") and message in err[0], err
     assert got == code, err
     assert (sorted(tmp_path.rglob("*")), sorted(trained_run.rglob("*"))) == before
+
+
+def test_an_out_that_names_a_file_is_refused_before_any_work(trained_run, inputs, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    argv = ["edit", "sdedit", str(trained_run), "--image", str(inputs["a"]), *QUICK]
+    assert main([*argv, "--out", str(tmp_path / "taken")]) == 2
+    assert main([*argv, "--out", str(tmp_path / "edit.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "must be a folder" in err[0] and "looks like a file name" in err[1]
+    assert not (tmp_path / "edit.png").exists()

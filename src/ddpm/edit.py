@@ -31,7 +31,7 @@ from ddpm.data.folder import read_image
 from ddpm.data.transforms import bytes_to_unit
 from ddpm.errors import ConfigError, DataError
 from ddpm.guidance import classifier_free_guidance
-from ddpm.runs import LoadedRun, class_labels_for, load_run, parse_class
+from ddpm.runs import LoadedRun, check_out_dir, class_labels_for, load_run, parse_class
 from ddpm.samplers import SAMPLERS, timestep_grid
 from ddpm.schedules import NoiseSchedule, respace
 
@@ -133,7 +133,8 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _load(run_dir, device) -> LoadedRun:
+def _load(run_dir, device, out_dir) -> LoadedRun:
+    check_out_dir(out_dir)  # before any work, like ddpm sample/eval/nll
     run = load_run(run_dir, device=device)
     if run.kind != "image":
         raise ConfigError(f"{run_dir} is a run on 2-D points; ddpm edit works on image runs")
@@ -182,7 +183,7 @@ def inpaint_run(
     _positive("--num", num)
     _positive("--jumps", jumps)
     _positive("--resample", resample)
-    run = _load(run_dir, device)
+    run = _load(run_dir, device, out_dir)
     x0, m = read_run_image(image, run.sample_shape), read_mask(mask, run.sample_shape)
     model, chain = _model(run, class_label, guidance), _chain(run.schedule, steps, 250)
     generator = torch.Generator().manual_seed(seed)
@@ -215,7 +216,7 @@ def sdedit_run(
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
     _positive("--num", num)
-    run = _load(run_dir, device)
+    run = _load(run_dir, device, out_dir)
     x0 = read_run_image(image, run.sample_shape)
     model, chain = _model(run, class_label, guidance), _chain(run.schedule, steps)
     generator = torch.Generator().manual_seed(seed)
@@ -243,7 +244,7 @@ def invert_run(
 ) -> EditResult:  # fmt: skip
     """DDIM inversion of ``image`` on ``steps`` points of the chain (None: 100), then DDIM back;
     the .npz holds x_T, the reconstruction and its RMS error."""
-    run = _load(run_dir, device)
+    run = _load(run_dir, device, out_dir)
     x0 = read_run_image(image, run.sample_shape)
     model, chain = _model(run, class_label, guidance), _chain(run.schedule, steps, 100)
     d = run.config.diffusion
@@ -272,7 +273,7 @@ def interpolate_run(
     _positive("--frames", frames)
     if frames < 2:
         raise ConfigError(f"--frames must be at least 2, got {frames}")
-    run = _load(run_dir, device)
+    run = _load(run_dir, device, out_dir)
     ends = [read_run_image(p, run.sample_shape) for p in images]
     model, chain = _model(run, class_label, guidance), _chain(run.schedule, steps, 100)
     d = run.config.diffusion
