@@ -262,6 +262,24 @@ def exact_denoiser(mixture: GaussianMixture | DiagonalMixture, schedule: NoiseSc
     return full_covariance_denoiser(mixture, schedule)
 
 
+def exact_v_denoiser(mixture: GaussianMixture | DiagonalMixture, schedule: NoiseSchedule):
+    """The exact v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (E[v | x_t]), for chains whose last
+    alpha_bar is 0 (zero terminal SNR), where eps-prediction cannot give x_0: there E[x_0 | x_T] is the
+    data mean; elsewhere x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
+    eps_model = exact_denoiser(mixture, schedule)
+    data_mean = (mixture.weights[:, None] * mixture.means).sum(0)
+
+    def model(x_t: Tensor, t: Tensor) -> Tensor:
+        index = torch.searchsorted(schedule.timesteps, t.reshape(-1).contiguous())
+        a = schedule.sqrt_alpha_bar[index].to(x_t.dtype)[:, None]
+        s = schedule.sqrt_one_minus_alpha_bar[index].to(x_t.dtype)[:, None]
+        eps = eps_model(x_t, t)
+        x0 = torch.where(a > 0, (x_t - s * eps) / a.clamp_min(1e-300), data_mean.to(x_t.dtype))
+        return a * eps - s * x0
+
+    return model
+
+
 def check_denoiser(mixture: GaussianMixture | DiagonalMixture, schedule: NoiseSchedule) -> float:
     """max |exact_denoiser - ddpm.oracle's denoiser| on 16 points at 16 timesteps (a diagonal mixture
     as a full-covariance GaussianMixture); raises if it exceeds 1e-9."""

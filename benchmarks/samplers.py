@@ -42,7 +42,13 @@ sys.path.insert(
 import ddpm.samplers as solvers  # noqa: E402
 from ddpm.samplers import network_evaluations, sample, steps_for_evaluations  # noqa: E402
 from ddpm.schedules import NoiseSchedule  # noqa: E402
-from mixtures import ExactSlicedW, check_denoiser, exact_denoiser, family  # noqa: E402
+from mixtures import (  # noqa: E402
+    ExactSlicedW,
+    check_denoiser,
+    exact_denoiser,
+    exact_v_denoiser,
+    family,
+)
 
 # (label, sampler, options, grid)
 SAMPLERS = [
@@ -99,6 +105,11 @@ def main() -> None:
     parser.add_argument("--samplers", help="comma-separated labels (default: all)")
     parser.add_argument("--schedule", default="linear")
     parser.add_argument(
+        "--zero-terminal-snr", action="store_true",
+        help="rescale the schedule to alpha_bar_T = 0 (Lin et al. 2023) and sample with the exact "
+        "v-prediction, as such a model must",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-step-growth", type=float, default=solvers.MAX_STEP_GROWTH,
         help="ddpm.samplers.MAX_STEP_GROWTH for this run (inf: the multistep solvers as published, "
         "whatever the step ratio)",
@@ -135,11 +146,14 @@ def main() -> None:
     if args.samplers:
         wanted = _known(args.samplers, [s[0] for s in SAMPLERS + EXTRA_SAMPLERS])
         samplers = [s for s in SAMPLERS + EXTRA_SAMPLERS if s[0] in wanted]
-    schedule = NoiseSchedule.from_name(args.schedule, 1000)
+    schedule = NoiseSchedule.from_name(
+        args.schedule, 1000, zero_terminal_snr=args.zero_terminal_snr
+    )
+    prediction = "v" if args.zero_terminal_snr else "eps"
     start_all = time.monotonic()
     results = []
     for member in members:
-        result = run_member(member, schedule, samplers, num=num, seeds=seeds)
+        result = run_member(member, schedule, samplers, num=num, seeds=seeds, prediction=prediction)
         results.append(result)
         _print_member(result)
     print()
@@ -192,11 +206,14 @@ def _write_json(path: Path, data: dict) -> None:
     print(f"wrote {path}")
 
 
-def run_member(member, schedule, samplers, *, num: int, seeds: int) -> dict:
-    """Every cell of one mixture: the 1000-step reference, then each sampler at each budget."""
+def run_member(
+    member, schedule, samplers, *, num: int, seeds: int, prediction: str = "eps"
+) -> dict:
+    """Every cell of one mixture: the 1000-step reference, then each sampler at each budget; the
+    model predicts eps, or v (``prediction="v"``, needed on a zero-terminal-SNR chain)."""
     mix, start = member.mixture, time.monotonic()
     check_denoiser(mix, schedule)  # the fast denoiser is ddpm.oracle's formula, to 1e-9
-    model = exact_denoiser(mix, schedule)
+    model = (exact_v_denoiser if prediction == "v" else exact_denoiser)(mix, schedule)
     sw = ExactSlicedW(mix)
     entropy, entropy_se = mix.entropy_mc(200_000, torch.Generator().manual_seed(7))
     floor = [sw(mix.sample(num, torch.Generator().manual_seed(1000 + r))) for r in range(seeds)]
@@ -206,7 +223,8 @@ def run_member(member, schedule, samplers, *, num: int, seeds: int) -> dict:
         for r in range(seeds):
             x = sample(
                 model, schedule, (num, mix.dim), sampler=name, num_steps=steps, grid=grid,
-                generator=torch.Generator().manual_seed(r), dtype=torch.float64, **options,
+                generator=torch.Generator().manual_seed(r), dtype=torch.float64,
+                prediction=prediction, **options,
             ).x0  # fmt: skip
             sws.append(sw(x))
             nlls.append(float(-mix.log_prob(x).mean()) - entropy)

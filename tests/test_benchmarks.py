@@ -46,6 +46,25 @@ def test_the_mixture_family_has_exact_denoisers_that_match_the_oracle(mixtures):
         assert check_denoiser(member.mixture, schedule) <= 1e-9
 
 
+def test_the_exact_v_denoiser_is_the_eps_oracle_converted_and_the_data_mean_at_zero_snr(mixtures):
+    from ddpm.diffusion import eps_from_v
+    from ddpm.schedules import NoiseSchedule
+
+    schedule = NoiseSchedule.from_name("linear", 1000, zero_terminal_snr=True)
+    for member in (mixtures.family()[0], mixtures.family()[4]):  # full-covariance and diagonal
+        mix = member.mixture
+        v_model, eps_model = (
+            mixtures.exact_v_denoiser(mix, schedule),
+            mixtures.exact_denoiser(mix, schedule),
+        )
+        x = mix.sample(64, torch.Generator().manual_seed(0))
+        t = torch.randint(0, 999, (64,), generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(eps_from_v(schedule, x, t, v_model(x, t)), eps_model(x, t), atol=1e-9)
+        last = torch.full((64,), 999)  # alpha_bar = 0: E[x_0 | x_T] is the data mean, v = -x_0
+        mean = mix.sample(400_000, torch.Generator().manual_seed(2)).mean(0)
+        assert torch.allclose(-v_model(x, last), mean.expand(64, -1), atol=0.01)
+
+
 def test_exact_sliced_wasserstein_uses_the_exact_quantiles_of_each_projection(mixtures):
     """One Gaussian N(mu, Sigma): on direction theta the quantile is theta.mu + sqrt(theta' Sigma theta)
     Phi^-1(u), which the interpolated mixture CDF must reproduce to 1e-3 of the projected std."""

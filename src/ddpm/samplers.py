@@ -295,13 +295,18 @@ def multistep_order(
 
 def _within_step_growth(schedule: NoiseSchedule, i: int, k: int) -> int:
     """k, or the largest j < k such that none of the j - 1 steps before the one from index i is
-    shorter than it by more than MAX_STEP_GROWTH in lambda."""
+    shorter than it by more than MAX_STEP_GROWTH in lambda, and none of the points i .. i + j - 1
+    is at lambda = -inf (a zero terminal SNR: no difference quotient reaches it; DPM-Solver's
+    formulas give that point weight 0 there, UniPC's linear system gives NaN)."""
     if i == 0 or k < 2:
         return k
     lam = _half_log_snr(schedule)
     h = float(lam[i - 1] - lam[i])
     for j in range(1, k):
-        if MAX_STEP_GROWTH * float(lam[i + j - 1] - lam[i + j]) < h:
+        if (
+            math.isinf(float(lam[i + j]))
+            or MAX_STEP_GROWTH * float(lam[i + j - 1] - lam[i + j]) < h
+        ):
             return j
     return k
 
