@@ -20,6 +20,8 @@ The summary takes, for each sampler and budget, the *worst* mixture: the hardest
 
     python benchmarks/samplers.py --quick      # ~2 minutes on one core: 2000 samples, one seed
     python benchmarks/samplers.py              # the full run: writes benchmarks/results/samplers.json
+    python benchmarks/samplers.py --schedule cosine --out PATH       # another chain
+    python benchmarks/samplers.py --zero-terminal-snr --out PATH     # alpha_bar_T = 0, exact v-prediction
 """
 
 from __future__ import annotations
