@@ -509,6 +509,10 @@ def _check_batch_size(batch_size: int | None) -> None:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
+# What an --out that names a file ends in (the commands write these under their own names).
+_FILE_SUFFIXES = (".npz", ".png", ".npy", ".jpg", ".json", ".csv")
+
+
 def check_out_dir(out_dir: str | Path | None) -> None:
     """``out_dir`` is a folder (the file names carry the step, seed and sampler): a path that names
     a file, or ends like one that does not exist yet, is refused rather than made into a folder."""
@@ -519,14 +523,7 @@ def check_out_dir(out_dir: str | Path | None) -> None:
         raise ConfigError(
             f"--out {path} is a file; it must be a folder (the files get their own names)"
         )
-    if not path.exists() and path.suffix.lower() in (
-        ".npz",
-        ".png",
-        ".npy",
-        ".jpg",
-        ".json",
-        ".csv",
-    ):
+    if not path.exists() and path.suffix.lower() in _FILE_SUFFIXES:
         raise ConfigError(
             f"--out {path} looks like a file name; it is the folder to write into (the files get "
             "their names from the step, seed and protocol)"
