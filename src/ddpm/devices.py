@@ -15,6 +15,7 @@ Precisions (autocast of the network only; schedules, the posterior and the bound
 from __future__ import annotations
 
 import contextlib
+import itertools
 import platform
 import warnings
 from pathlib import Path
@@ -161,3 +162,130 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu ({cpu_name()})"
     return str(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# batch threads: data parallelism across a CPU's cores inside one process
+# --------------------------------------------------------------------------------------------------
+
+# Fewer rows than this per thread are not worth a thread (the last, partial batch of a sampling run).
+MIN_ROWS_PER_THREAD = 4
+
+
+class BatchThreads:
+    """Runs a function on contiguous row ranges of a batch, each on its own thread with one intra-op
+    thread, and returns the results in row order.
+
+    Why: PyTorch parallelises each operation across the cores (intra-op); the networks ddpm trains on
+    a CPU are small, most of their operations too small for that to pay (a barrier per operation,
+    uneven shares), and in bf16 the second of two cores bought only 1.3-1.4x. One share of the batch
+    per core instead measured 1.2x on a bf16 training step and 1.15x on a network evaluation
+    (2 cores with AMX; ``benchmarks/train_speed.py``); in fp32 it measured no gain, so "auto" uses it
+    for bf16 only (``resolve_batch_threads``). The caller's grad mode, inference mode and CPU autocast,
+    which PyTorch keeps per thread, apply in the workers too. Results equal the whole batch's up to
+    float rounding (a backward pass accumulates one gradient per share: a sum of two is the same
+    whichever thread finishes first) and are reproducible for a given number of threads.
+    """
+
+    def __init__(self, workers: int = 1):
+        if workers < 1:
+            raise ConfigError(f"batch threads must be >= 1, got {workers}")
+        self.workers = workers
+        self._pool = None
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ddpm-batch")
+
+    def parts(self, n: int) -> list[slice]:
+        """The row ranges of a batch of n: near-equal, contiguous, at least MIN_ROWS_PER_THREAD each."""
+        k = max(1, min(self.workers, n // MIN_ROWS_PER_THREAD))
+        bounds = [n * i // k for i in range(k + 1)]
+        return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+    def map(self, fn, n: int) -> list:
+        """[fn(rows) for rows in self.parts(n)], the parts computed concurrently."""
+        parts = self.parts(n)
+        if self._pool is None or len(parts) == 1:
+            return [fn(rows) for rows in parts]
+        threads = torch.get_num_threads()
+        state = (
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled("cpu"),
+            torch.get_autocast_dtype("cpu"),
+        )
+        try:
+            futures = [self._pool.submit(_in_worker, fn, rows, state) for rows in parts]
+            return [f.result() for f in futures]
+        finally:
+            # A worker's set_num_threads(1) also sets the process-wide defaults (MKL's, new threads'):
+            # give them back to the caller.
+            torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> BatchThreads:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _in_worker(fn, rows: slice, state):
+    grad, inference, autocast_on, dtype = state
+    torch.set_num_threads(1)
+    with (
+        torch.inference_mode(inference),
+        torch.set_grad_enabled(grad),
+        torch.autocast("cpu", dtype=dtype, enabled=autocast_on),
+    ):
+        return fn(rows)
+
+
+def parse_batch_threads(setting: int | str) -> int | str:
+    """A --batch-threads value as "auto" or a positive int; ConfigError (one line) otherwise."""
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        return "auto"
+    try:
+        workers = int(setting)
+        if workers != float(setting) or isinstance(setting, bool):
+            raise ValueError
+    except (TypeError, ValueError):
+        workers = 0
+    if workers < 1:
+        raise ConfigError(f"--batch-threads must be auto or a positive integer, got {setting!r}")
+    return workers
+
+
+def resolve_batch_threads(setting: int | str, device: torch.device, precision: str) -> int:
+    """The number of batch threads (``BatchThreads``) of a --batch-threads value: a positive integer
+    as given on a CPU; "auto" the CPU's intra-op threads (``torch.get_num_threads()``) when the
+    network runs in bf16 there, else 1. Always 1 on a GPU, whose kernels are not split this way."""
+    setting = parse_batch_threads(setting)
+    if device.type != "cpu":
+        return 1
+    if setting == "auto":
+        return torch.get_num_threads() if precision == "bf16" else 1
+    return setting
+
+
+def split_batch(network, threads: BatchThreads):
+    """``network(x, t, **kwargs)`` computed in row shares on ``threads`` (itself when there is one):
+    every argument whose first dimension is the batch's is split with x; the rest go to every share."""
+    if threads.workers == 1:
+        return network
+
+    def run(x, t, **kwargs):
+        n = x.shape[0]
+
+        def share(rows):
+            cut = lambda v: v[rows] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v  # noqa: E731
+            return network(x[rows], cut(t), **{k: cut(v) for k, v in kwargs.items()})
+
+        return torch.cat(threads.map(share, n))
+
+    return run

@@ -39,7 +39,7 @@ from ddpm import metrics, viz
 from ddpm.checkpoint import atomic_write_bytes
 from ddpm.config import RunConfig, merge_config
 from ddpm.data import ArrayDataset, load_dataset
-from ddpm.devices import describe_device, resolve_precision
+from ddpm.devices import describe_device, parse_batch_threads, resolve_precision
 from ddpm.errors import ConfigError
 from ddpm.likelihood import BoundTerms, bits_per_dim_summary, variational_bound
 from ddpm.nets.classifier import Classifier
@@ -555,6 +555,7 @@ def eval_run(
     device: str | torch.device | None = "auto",
     class_label: int | str | None = None,
     guidance: float | None = None,
+    batch_threads: int | str = "auto",
     **sample_options,
 ) -> EvalReport:
     """Draw ``num`` samples from the run (``sampler`` on ``steps`` points of ``grid``; steps None = the
@@ -576,8 +577,10 @@ def eval_run(
     Class-conditional runs: ``class_label`` c (index or name) draws every sample of class c, with
     classifier-free guidance at scale ``guidance`` (default 1), against the reference images of
     class c; "all" draws the classes in equal shares against the whole reference split. Either way
-    ``class_accuracy`` is the fraction of samples the shipped classifier assigns to their class."""
+    ``class_accuracy`` is the fraction of samples the shipped classifier assigns to their class.
+    ``batch_threads``: see ``ddpm.runs.iter_samples``' ``threads``."""
     grid = _check_eval_options(num, batch_size, ref_num, sampler, grid, features)
+    batch_threads = parse_batch_threads(batch_threads)
     check_out_dir(out_dir)
     run = load_run(run_dir, use_ema=use_ema, device=device)
     meta = run.checkpoint.meta
@@ -599,7 +602,9 @@ def eval_run(
     req = _EvalRequest(num, sampler, steps, grid, seed, weights, ref_split, ref_num, label, labels)
 
     start = time.monotonic()
-    samples = _draw_samples(run, config, shape, req, batch_size=batch_size, progress=progress)
+    samples = _draw_samples(
+        run, config, shape, req, batch_size=batch_size, progress=progress, threads=batch_threads
+    )
     sample_seconds = time.monotonic() - start
     reference = _of_class(load_data(config, ref_split), label)
     protocol = _eval_protocol(run_dir, run, config, req, kind, sample_seconds)
@@ -667,7 +672,7 @@ def _image_extractors(features: str, data_name: str, shape) -> list[FeatureExtra
 
 
 def _draw_samples(
-    run: LoadedRun, config: RunConfig, shape, req: _EvalRequest, *, batch_size, progress
+    run: LoadedRun, config: RunConfig, shape, req: _EvalRequest, *, batch_size, progress, threads
 ) -> Tensor:
     T = config.diffusion.num_timesteps
     return draw(
@@ -682,6 +687,7 @@ def _draw_samples(
         device=run.device,
         progress=progress,
         class_labels=req.labels,
+        threads=threads,
     ).x0
 
 

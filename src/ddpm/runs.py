@@ -51,7 +51,16 @@ from ddpm.config import (
     sampler_takes,
 )
 from ddpm.data import load_dataset
-from ddpm.devices import at_precision, default_sample_batch, resolve_device, resolve_precision
+from ddpm.devices import (
+    BatchThreads,
+    at_precision,
+    default_sample_batch,
+    parse_batch_threads,
+    resolve_batch_threads,
+    resolve_device,
+    resolve_precision,
+    split_batch,
+)
 from ddpm.errors import ConfigError, DDPMError, RunDirError
 from ddpm.guidance import classifier_free_guidance
 from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet
@@ -255,6 +264,7 @@ def iter_samples(
     record=(),
     progress: bool = False,
     class_labels: Tensor | None = None,
+    threads: int | str | BatchThreads = "auto",
 ):
     """The one way a run is sampled (training previews, ``ddpm sample``, ``ddpm eval``): ``num``
     samples with the run's [sample] settings (``config.sample``: sampler, grid, options) on ``steps``
@@ -266,7 +276,11 @@ def iter_samples(
     A class-conditional model samples sample i of class ``class_labels[i]`` ([num]; None: the
     config's ``sample.class_label`` for all, or unconditionally when that is None too) with
     classifier-free guidance at scale ``sample.guidance`` (None: 1, plain conditional), whatever
-    the sampler: the guided model is what the sampler calls (``ddpm.guidance``)."""
+    the sampler: the guided model is what the sampler calls (``ddpm.guidance``).
+
+    ``threads``: on a CPU each network evaluation is computed in row shares on that many threads
+    (``devices.BatchThreads``; "auto": every core when the network runs in bf16); samples equal the
+    whole batch's up to float rounding."""
     if class_labels is None:
         class_labels = class_labels_for(model, num, config.sample.class_label)
     scale = 1.0 if config.sample.guidance is None else config.sample.guidance
@@ -280,7 +294,10 @@ def iter_samples(
     generator = torch.Generator().manual_seed(seed)
     options = sampler_options(config, is_image=is_image)
     precision = resolve_precision(config.sample.precision, device, images=is_image)
-    network = at_precision(model, device, precision)
+    own = not isinstance(threads, BatchThreads)
+    if own:
+        threads = BatchThreads(resolve_batch_threads(threads, device, precision))
+    network = split_batch(at_precision(model, device, precision), threads)
     bar = tqdm(total=num, desc="sampling", unit="sample", disable=not progress, dynamic_ncols=True)
     try:
         for start in range(0, num, batch_size):
@@ -305,6 +322,8 @@ def iter_samples(
             bar.update(n)
     finally:
         bar.close()
+        if own:
+            threads.close()
 
 
 def draw(model, schedule: NoiseSchedule, shape, config: RunConfig, *, num, **options):
@@ -441,6 +460,7 @@ def sample_run(
     batch_size: int | None = None,
     class_label: int | str | None = None,
     guidance: float | None = None,
+    batch_threads: int | str = "auto",
     **sample_options,
 ) -> SampleResult:
     """Draw samples from a trained run and write ``<out_dir>/step_XXXXXXX_seedS.png`` (a grid of the
@@ -454,7 +474,8 @@ def sample_run(
     Class-conditional runs: ``class_label`` (an index, a class name, or "all": ``num`` samples of
     every class, default 8, drawn as a grid with one row per class named by the run's class names)
     with classifier-free guidance at scale ``guidance`` (default: [sample] guidance, else 1); the
-    .npz then holds ``labels`` too."""
+    .npz then holds ``labels`` too. ``batch_threads``: see ``iter_samples``' ``threads``."""
+    batch_threads = parse_batch_threads(batch_threads)
     given = {"num": num, "steps": steps, "seed": seed, "use_ema": use_ema, "guidance": guidance}
     sc = _sample_config(run_dir, {**given, **sample_options})
     _check_batch_size(batch_size)
@@ -470,7 +491,9 @@ def sample_run(
     grid = sc.grid or DEFAULT_GRIDS[sc.sampler]
     trajectory_labels = _trajectory_labels(run.schedule, plan.num_steps, grid)
     record = list(trajectory_labels) if trajectory else ()
-    batches = _sample_batches(plan, batch_size=batch_size, record=record, progress=progress)
+    batches = _sample_batches(
+        plan, batch_size=batch_size, record=record, progress=progress, threads=batch_threads
+    )
     preview = _Preview(len(run.sample_shape) > 1, plan.per_class if plan.label == "all" else None)
     npz = write_npz_stream(
         out_dir / f"{stem}.npz", columns, _npz_rows(batches, plan.class_labels, preview)
@@ -561,7 +584,7 @@ def _npz_bytes(columns: dict[str, tuple], shape, num: int) -> int:
     return itemsizes * math.prod(shape) * num
 
 
-def _sample_batches(plan: _SamplePlan, *, batch_size: int | None, record, progress: bool):
+def _sample_batches(plan: _SamplePlan, *, batch_size: int | None, record, progress: bool, threads):
     """``iter_samples`` of the plan: its run's network and schedule with its [sample] settings."""
     run = plan.run
     return iter_samples(
@@ -577,6 +600,7 @@ def _sample_batches(plan: _SamplePlan, *, batch_size: int | None, record, progre
         record=record,
         progress=progress,
         class_labels=plan.class_labels,
+        threads=threads,
     )
 
 

@@ -36,7 +36,16 @@ from ddpm import distributed
 from ddpm.checkpoint import checkpoint_dir, crash_point, latest_checkpoint, save_checkpoint
 from ddpm.config import RunConfig, resolve_config
 from ddpm.data.transforms import random_hflip
-from ddpm.devices import autocast, describe_device, grad_scaler, resolve_device, resolve_precision
+from ddpm.devices import (
+    BatchThreads,
+    autocast,
+    describe_device,
+    grad_scaler,
+    parse_batch_threads,
+    resolve_batch_threads,
+    resolve_device,
+    resolve_precision,
+)
 from ddpm.errors import ConfigError, DivergedError
 from ddpm.nets import count_parameters
 from ddpm.objective import Objective, draw_noise  # noqa: F401  (draw_noise: public here since 0.1)
@@ -74,6 +83,7 @@ from ddpm.trainlog import (
 __all__ = [
     "DataOrder",
     "TrainResult",
+    "loss_and_backward",
     "ema_decay_at",
     "ema_update",
     "lr_at",
@@ -122,6 +132,9 @@ class _Job(NamedTuple):
     shard: slice | None
     trained_on: list[str]  # devices of this run so far, for ``ddpm info``
     resumed_from: Path | None
+    threads: (
+        BatchThreads  # the batch's shares on a CPU's cores (one: the whole batch on the caller)
+    )
 
 
 def train(
@@ -129,6 +142,7 @@ def train(
     run_dir: str | Path,
     *,
     device: str | torch.device = "auto",
+    batch_threads: int | str = "auto",
     progress: bool = True,
     verbose: bool = True,
 ) -> TrainResult:
@@ -148,8 +162,13 @@ def train(
 
     Under ``torchrun`` (WORLD_SIZE > 1 in the environment) this is one rank of data-parallel training
     (see ``ddpm.distributed``; one GPU per LOCAL_RANK with NCCL on CUDA): ``train.batch_size`` is the
-    global batch, each rank computes its share, and only rank 0 writes files, prints or locks."""
-    device = resolve_device(device)
+    global batch, each rank computes its share, and only rank 0 writes files, prints or locks.
+
+    ``batch_threads`` (``devices.BatchThreads``): on a CPU, each step's batch is split in that many
+    shares, each computed (forward and backward) on its own thread with one intra-op thread; "auto"
+    does so on every core when the network runs in bf16, and never under torchrun, with --compile or
+    for a network with dropout (whose masks would depend on which thread draws first)."""
+    device, batch_threads = resolve_device(device), parse_batch_threads(batch_threads)
     d = distributed.setup(device.type)
     if d.enabled and device.type == "cuda":
         device = torch.device(d.device)  # this rank's LOCAL_RANK GPU
@@ -158,8 +177,9 @@ def train(
         check_run_dir(run_dir)
         config, dataset = _resolve(config, run_dir, d)  # bad input fails here, before any write
         with lock_run_dir(run_dir) if d.is_main else contextlib.nullcontext():
-            job = _setup(config, dataset, run_dir, device, d, verbose and d.is_main)
-            return _train(job, progress=progress and d.is_main, verbose=verbose and d.is_main)
+            job = _setup(config, dataset, run_dir, device, d, verbose and d.is_main, batch_threads)
+            with job.threads:
+                return _train(job, progress=progress and d.is_main, verbose=verbose and d.is_main)
     finally:
         distributed.teardown(d)
 
@@ -243,20 +263,46 @@ def _gradient(job: _Job, lr: float) -> tuple[float, float]:
         cond = {k: v[job.shard] for k, v in cond.items()}
     x0, drawn = x0.to(device, non_blocking=True), drawn.to(device)
     cond = {k: v.to(device) for k, v in cond.items()}
-    with autocast(device, job.precision):
-        losses = objective(job.net, x0, drawn.t, drawn.eps, **cond)
+    state.optimizer.zero_grad(set_to_none=True)
+    losses, loss = loss_and_backward(objective, job.net, x0, drawn, cond, precision=job.precision,
+                            threads=job.threads, scaler=state.scaler)  # fmt: skip
     if objective.importance is not None:
         # Every rank records the whole batch's losses, so all keep one history and draw the same t.
-        objective.observe(t_global, distributed.gather_rows(job.d, losses.detach()).cpu())
-    loss = objective.reduce(losses, drawn)
-    state.optimizer.zero_grad(set_to_none=True)
-    scaler = state.scaler
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    if scaler is not None:
-        scaler.unscale_(state.optimizer)
+        objective.observe(t_global, distributed.gather_rows(job.d, losses).cpu())
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
     max_norm = job.config.train.grad_clip if job.config.train.grad_clip is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm))
-    return float(loss.detach()), grad_norm
+    return float(loss), grad_norm
+
+
+def loss_and_backward(
+    objective: Objective,
+    net,
+    x0: torch.Tensor,
+    drawn,
+    cond: dict[str, torch.Tensor],
+    *,
+    precision: str,
+    threads: BatchThreads,
+    scaler=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective on a batch (under the precision's autocast) and its backward pass, the batch in
+    the row shares of ``threads``; returns (per-example losses, the reduced loss), detached. Each
+    share differentiates its part of ``objective.reduce`` (a mean over the whole batch), so the
+    gradients the shares accumulate sum to the whole batch's."""
+    n, device = x0.shape[0], x0.device
+
+    def share(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(device, precision):
+            part = {k: v[rows] for k, v in cond.items()}
+            losses = objective(net, x0[rows], drawn.t[rows], drawn.eps[rows], **part)
+        loss = objective.reduce(losses, drawn.rows(rows)) * ((rows.stop - rows.start) / n)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return losses.detach(), loss.detach()
+
+    shares = threads.map(share, n)
+    return torch.cat([s[0] for s in shares]), sum(s[1] for s in shares)
 
 
 def _update(job: _Job, loss: float, grad_norm: float, last_saved: Path | None) -> bool:
@@ -329,6 +375,7 @@ def _setup(
     device: torch.device,
     d: distributed.Dist,
     verbose: bool,
+    batch_threads: int | str = "auto",
 ) -> _Job:
     """Build (or restore) the state on the device and prepare the run directory."""
     cfg_path = run_dir / CONFIG_FILE
@@ -371,6 +418,9 @@ def _setup(
     net = distributed.wrap(model, d)  # after the restore: every rank starts from one state
     if tc.compile:
         net = torch.compile(net)
+    workers = resolve_batch_threads(batch_threads, device, precision)
+    if d.enabled or tc.compile or (batch_threads == "auto" and _has_dropout(model)):
+        workers = 1
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(config, cfg_path)
@@ -386,7 +436,11 @@ def _setup(
     shard = d.shard(tc.batch_size) if d.enabled else None
     return _Job(config, run_dir, data_x, data_y, data_meta(config, dataset), dataset.kind,
                 sample_shape, state, objective.to(device), net, device, precision, d, shard,
-                trained_on, resumed.path if resumed else None)  # fmt: skip
+                trained_on, resumed.path if resumed else None, BatchThreads(workers))  # fmt: skip
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def _save(job: _Job, loss: float, elapsed_s: float) -> Path:
@@ -423,7 +477,8 @@ def _preview(job: _Job, final: bool = False) -> Path | None:
     num = default_num(job.sample_shape) if sc.num is None or not final else sc.num
     steps = (sc.steps or job.config.diffusion.num_timesteps) if final else tc.sample_steps
     out = draw(job.state.ema, job.objective.schedule.to("cpu"), job.sample_shape, job.config,
-               num=num, steps=steps, seed=sc.seed if final else tc.seed, device=job.device)  # fmt: skip
+               num=num, steps=steps, seed=sc.seed if final else tc.seed, device=job.device,
+               threads=job.threads)  # fmt: skip
     reference = job.data_x[:PREVIEW_POINTS] if job.kind == "points" else None
     path = job.run_dir / "samples" / f"step_{job.state.step:07d}.png"
     return save_samples(out.x0, path, reference, title=f"step {job.state.step}")
