@@ -68,9 +68,10 @@ def test_workers_inherit_the_callers_grad_mode_and_autocast(threads):
     assert threads.map(modes, 8) == [(True, False), (True, False)]
 
 
-def test_the_callers_thread_count_is_kept(threads):
+def test_workers_share_the_callers_threads_and_the_caller_keeps_its_count(threads):
     before = torch.get_num_threads()
-    threads.map(lambda rows: torch.get_num_threads(), 8)
+    inside = threads.map(lambda rows: torch.get_num_threads(), 8)
+    assert inside == [max(1, before // 2)] * 2
     assert torch.get_num_threads() == before
 
 
@@ -112,7 +113,7 @@ def test_training_in_shares_is_reproducible_and_matches_the_whole_batch(tmp_path
 
 
 def test_auto_uses_batch_threads_for_bf16_on_a_cpu_only():
-    assert resolve_batch_threads("auto", CPU, "bf16") == torch.get_num_threads()
+    assert resolve_batch_threads("auto", CPU, "bf16") == min(2, torch.get_num_threads())
     assert resolve_batch_threads("auto", CPU, "fp32") == 1
     assert resolve_batch_threads("auto", torch.device("cuda"), "bf16") == 1
     assert resolve_batch_threads(3, CPU, "fp32") == 3

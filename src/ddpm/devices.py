@@ -173,18 +173,20 @@ MIN_ROWS_PER_THREAD = 4
 
 
 class BatchThreads:
-    """Runs a function on contiguous row ranges of a batch, each on its own thread with one intra-op
-    thread, and returns the results in row order.
+    """Runs a function on contiguous row ranges of a batch, each on its own thread with its share of
+    the caller's intra-op threads (``torch.get_num_threads() // workers``, at least one), and returns
+    the results in row order.
 
     Why: PyTorch parallelises each operation across the cores (intra-op); the networks ddpm trains on
     a CPU are small, most of their operations too small for that to pay (a barrier per operation,
     uneven shares), and in bf16 the second of two cores bought only 1.3-1.4x. One share of the batch
-    per core instead measured 1.2x on a bf16 training step and 1.15x on a network evaluation
-    (2 cores with AMX; ``benchmarks/train_speed.py``); in fp32 it measured no gain, so "auto" uses it
-    for bf16 only (``resolve_batch_threads``). The caller's grad mode, inference mode and CPU autocast,
-    which PyTorch keeps per thread, apply in the workers too. Results equal the whole batch's up to
-    float rounding (a backward pass accumulates one gradient per share: a sum of two is the same
-    whichever thread finishes first) and are reproducible for a given number of threads.
+    per core instead measured 1.1-1.2x on a bf16 training step and on a network evaluation (2 cores
+    with AMX; ``benchmarks/train_speed.py``); in fp32 it measured no gain, so "auto" uses it for bf16
+    only (``resolve_batch_threads``). The caller's grad mode, inference mode and CPU autocast, which
+    PyTorch keeps per thread, apply in the workers too. Results equal the whole batch's up to float
+    rounding. With two workers they are also reproducible: a backward pass accumulates one gradient
+    per share, and a sum of two is the same whichever thread finishes first (with more, the order of
+    the sum can change from run to run).
     """
 
     def __init__(self, workers: int = 1):
@@ -210,6 +212,7 @@ class BatchThreads:
             return [fn(rows) for rows in parts]
         threads = torch.get_num_threads()
         state = (
+            max(1, threads // len(parts)),
             torch.is_grad_enabled(),
             torch.is_inference_mode_enabled(),
             torch.is_autocast_enabled("cpu"),
@@ -236,8 +239,8 @@ class BatchThreads:
 
 
 def _in_worker(fn, rows: slice, state):
-    grad, inference, autocast_on, dtype = state
-    torch.set_num_threads(1)
+    intra_op, grad, inference, autocast_on, dtype = state
+    torch.set_num_threads(intra_op)
     with (
         torch.inference_mode(inference),
         torch.set_grad_enabled(grad),
@@ -263,13 +266,15 @@ def parse_batch_threads(setting: int | str) -> int | str:
 
 def resolve_batch_threads(setting: int | str, device: torch.device, precision: str) -> int:
     """The number of batch threads (``BatchThreads``) of a --batch-threads value: a positive integer
-    as given on a CPU; "auto" the CPU's intra-op threads (``torch.get_num_threads()``) when the
-    network runs in bf16 there, else 1. Always 1 on a GPU, whose kernels are not split this way."""
+    as given on a CPU; "auto" 2 when the network runs in bf16 on a CPU with two or more intra-op
+    threads (``torch.get_num_threads()``; on more cores each share gets half of them: measured on
+    2 cores only, and two shares keep runs reproducible), else 1. Always 1 on a GPU, whose kernels
+    are not split this way."""
     setting = parse_batch_threads(setting)
     if device.type != "cpu":
         return 1
     if setting == "auto":
-        return torch.get_num_threads() if precision == "bf16" else 1
+        return min(2, torch.get_num_threads()) if precision == "bf16" else 1
     return setting
 
 

@@ -279,7 +279,7 @@ def iter_samples(
     the sampler: the guided model is what the sampler calls (``ddpm.guidance``).
 
     ``threads``: on a CPU each network evaluation is computed in row shares on that many threads
-    (``devices.BatchThreads``; "auto": every core when the network runs in bf16); samples equal the
+    (``devices.BatchThreads``; "auto": two when the network runs in bf16); samples equal the
     whole batch's up to float rounding."""
     if class_labels is None:
         class_labels = class_labels_for(model, num, config.sample.class_label)

@@ -165,8 +165,8 @@ def train(
     global batch, each rank computes its share, and only rank 0 writes files, prints or locks.
 
     ``batch_threads`` (``devices.BatchThreads``): on a CPU, each step's batch is split in that many
-    shares, each computed (forward and backward) on its own thread with one intra-op thread; "auto"
-    does so on every core when the network runs in bf16, and never under torchrun, with --compile or
+    shares, each computed (forward and backward) on its own thread with its part of the intra-op
+    threads; "auto" makes two shares when the network runs in bf16, none under torchrun, with --compile or
     for a network with dropout (whose masks would depend on which thread draws first)."""
     device, batch_threads = resolve_device(device), parse_batch_threads(batch_threads)
     d = distributed.setup(device.type)
