@@ -21,9 +21,11 @@ and ISA) and writes JSON (default benchmarks/results/train_speed.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -323,6 +325,26 @@ def table(shapes: list[dict], peaks: dict) -> str:
     return "\n".join(lines)
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_processes(k: int):
+    """k processes that each keep one core busy while the block runs: what a shared machine (or a
+    second job) does to the timed code."""
+    procs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(k)]
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+            p.join()
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Temp file in the same directory, then rename: a reader never sees half a file.
@@ -336,6 +358,13 @@ def write_json(path: Path, data: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 repetitions")
+    parser.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="K",
+        help="run K single-threaded busy processes beside the timing (a shared machine)",
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7)")
     parser.add_argument(
         "--bf16",
@@ -386,14 +415,15 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     shapes = []
-    for in_channels in (1, 3):
-        shape = run_shape(in_channels, precisions, warmup, reps, peaks)
-        shapes.append(shape)
-        print(
-            f"{shape['shape']}: best vs best train {shape['train_speedup_best']:.2f}x, "
-            f"eval {shape['sample_speedup_best']:.2f}x",
-            flush=True,
-        )
+    with busy_processes(args.background_load):
+        for in_channels in (1, 3):
+            shape = run_shape(in_channels, precisions, warmup, reps, peaks)
+            shapes.append(shape)
+            print(
+                f"{shape['shape']}: best vs best train {shape['train_speedup_best']:.2f}x, "
+                f"eval {shape['sample_speedup_best']:.2f}x",
+                flush=True,
+            )
     print()
     print(f"CPU: {cpu_name()}")
     print(table(shapes, peaks))
@@ -410,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             "native_bf16": native_bf16,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average_at_end": os.getloadavg(),
+            "background_load": args.background_load,
         },
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "warmup": warmup,
