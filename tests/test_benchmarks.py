@@ -129,3 +129,15 @@ def test_an_unknown_mixture_or_sampler_label_is_refused_before_any_work(
     )  # fmt: skip
     assert done.returncode != 0 and "unknown" in done.stderr and "nope" in done.stderr
     assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_background_load_runs_busy_processes_only_inside_its_block(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    import multiprocessing
+
+    import train_speed
+
+    with train_speed.busy_processes(2):
+        children = multiprocessing.active_children()
+        assert len(children) == 2 and all(p.is_alive() for p in children)
+    assert multiprocessing.active_children() == []
