@@ -428,7 +428,8 @@ def _setup(
     _say(
         f"data: {config.data.name} ({len(dataset)} x {'x'.join(map(str, sample_shape))}); model: "
         f"{config.model.preset} ({count_parameters(model) / 1e6:.2f}M parameters); {dfc.schedule} "
-        f"schedule, T={dfc.num_timesteps}; on {here}",
+        f"schedule, T={dfc.num_timesteps}; on {here}"
+        + (f", the batch in {workers} shares (--batch-threads)" if workers > 1 else ""),
         verbose,
     )
     data_x = torch.as_tensor(dataset.x, dtype=torch.float32)
