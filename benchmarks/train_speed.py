@@ -1,6 +1,11 @@
 """Training and sampling speed of ddpm's `small` U-Net against diffusers' UNet2DModel at equal size.
 
     python benchmarks/train_speed.py [--quick] [--reps N] [--out PATH] [--bf16 auto|on|off]
+    python benchmarks/train_speed.py --device cuda --net cifar10 --batch 128 --out PATH   # a GPU
+
+On a GPU (``--device cuda``) with ``--net cifar10``: Ho et al.'s 35.7M CIFAR-10 U-Net in both libraries
+(diffusers' UNet2DModel from ``ddpm export``'s config), "fp32" rows with TF32 on, CUDA-synchronised
+timing; the batch threads are a CPU matter and do not apply there.
 
 For 1x32x32 and 3x32x32 images at batch 64: training images/s and milliseconds per network
 evaluation (forward without grad, as in sampling), each network in fp32 and in bf16 autocast. The
@@ -32,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # Before torch loads OpenMP: with the default (spinning) wait, a busy machine stalls every parallel
@@ -46,19 +52,36 @@ from ddpm.devices import (  # noqa: E402
     BatchThreads,
     at_precision,
     cpu_name,
+    describe_device,
     resolve_batch_threads,
+    resolve_device,
     split_batch,
 )
+from ddpm.interop import diffusers_config_from_unet  # noqa: E402
 from ddpm.nets import build_unet, count_parameters  # noqa: E402
 from ddpm.objective import Objective  # noqa: E402
 from ddpm.schedules import NoiseSchedule  # noqa: E402
-from ddpm.train import loss_and_backward  # noqa: E402
+from ddpm.train import has_dropout, loss_and_backward  # noqa: E402
 from ddpm.train_state import ema_update  # noqa: E402
 
 BATCH = 64
 IMAGE_SIZE = 32
 NUM_TIMESTEPS = 1000
 PEAK_SIZE = 2048
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one run compares: ours (``net``, a UNet preset) on ``device`` at ``batch`` images."""
+
+    device: torch.device = torch.device("cpu")
+    batch: int = BATCH
+    net: str = "small"
+
+    def sync(self) -> None:
+        """Wait for the device (CUDA runs asynchronously: time only finished work)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def diffusers_unet(in_channels: int) -> torch.nn.Module:
@@ -95,15 +118,17 @@ def bf16_supported() -> bool:
         return False
 
 
-def matmul_peak(dtype: torch.dtype, size: int, reps: int) -> float:
+def matmul_peak(dtype: torch.dtype, size: int, reps: int, setup: Setup = Setup()) -> float:
     """Median GFLOP/s of torch.mm on two size x size matrices."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    a = torch.randn(size, size).to(setup.device, dtype)
+    b = torch.randn(size, size).to(setup.device, dtype)
     torch.mm(a, b)
     times = []
     for _ in range(reps):
+        setup.sync()
         start = time.perf_counter()
         torch.mm(a, b)
+        setup.sync()
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times) / 1e9
 
@@ -111,15 +136,15 @@ def matmul_peak(dtype: torch.dtype, size: int, reps: int) -> float:
 class Bench:
     """One network's training step and no-grad evaluation on fixed data, in one precision."""
 
-    def __init__(self, net: torch.nn.Module, in_channels: int, bf16: bool, seed: int):
-        self.net = net
-        self.bf16 = bf16
-        g = torch.Generator().manual_seed(seed)
-        self.x0 = torch.rand(BATCH, in_channels, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1
+    def __init__(self, net: torch.nn.Module, in_channels: int, bf16: bool, seed: int, setup: Setup):
+        self.net, self.bf16, self.setup = net.to(setup.device), bf16, setup
+        g = torch.Generator().manual_seed(seed)  # on the CPU, as ddpm draws; moved to the device
+        x0 = torch.rand(setup.batch, in_channels, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1
+        self.x0 = x0.to(setup.device)
         self.generator = g
 
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+        return torch.autocast(self.setup.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def loss(self) -> torch.Tensor:
         raise NotImplementedError
@@ -136,7 +161,7 @@ class Bench:
         self.update()
 
     def evaluate(self) -> None:
-        t = torch.full((BATCH,), NUM_TIMESTEPS // 2, dtype=torch.long)
+        t = torch.full((self.setup.batch,), NUM_TIMESTEPS // 2, device=self.setup.device)
         with torch.no_grad(), self._autocast():
             self.net(self.x0, t)
 
@@ -153,19 +178,28 @@ class Ours(Bench):
     sample`` calls the network (``at_precision``, ``split_batch``)."""
 
     def __init__(
-        self, net: torch.nn.Module, in_channels: int, bf16: bool, seed: int, batch_threads="auto"
+        self,
+        net: torch.nn.Module,
+        in_channels: int,
+        bf16: bool,
+        seed: int,
+        setup: Setup,
+        batch_threads="auto",
     ):
-        super().__init__(net, in_channels, bf16, seed)
+        super().__init__(net, in_channels, bf16, seed, setup)
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.0)
-        self.objective = Objective(NoiseSchedule.from_name("linear", NUM_TIMESTEPS))
+        schedule = NoiseSchedule.from_name("linear", NUM_TIMESTEPS)
+        self.objective = Objective(schedule).to(setup.device)
         self.ema = copy.deepcopy(net).eval().requires_grad_(False)
         self.precision = "bf16" if bf16 else "fp32"
-        cpu = torch.device("cpu")
-        self.threads = BatchThreads(resolve_batch_threads(batch_threads, cpu, self.precision))
-        self.network = split_batch(at_precision(net, cpu, self.precision), self.threads)
+        if has_dropout(net):  # as ddpm train decides
+            batch_threads = 1
+        workers = resolve_batch_threads(batch_threads, setup.device, self.precision)
+        self.threads = BatchThreads(workers)
+        self.network = split_batch(at_precision(net, setup.device, self.precision), self.threads)
 
     def train_step(self) -> None:
-        drawn = self.objective.draw(self.x0.shape, self.generator)
+        drawn = self.objective.draw(self.x0.shape, self.generator).to(self.setup.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss_and_backward(self.objective, self.net, self.x0, drawn, {}, precision=self.precision,
                           threads=self.threads)  # fmt: skip
@@ -174,7 +208,7 @@ class Ours(Bench):
         self.update()
 
     def evaluate(self) -> None:
-        t = torch.full((BATCH,), NUM_TIMESTEPS // 2, dtype=torch.long)
+        t = torch.full((self.setup.batch,), NUM_TIMESTEPS // 2, device=self.setup.device)
         with torch.no_grad():
             self.network(self.x0, t)
 
@@ -185,11 +219,11 @@ class Ours(Bench):
 class Theirs(Bench):
     """diffusers' example step: add_noise, eps-MSE, clipping at 1, AdamW, EMAModel."""
 
-    def __init__(self, net: torch.nn.Module, in_channels: int, bf16: bool, seed: int):
+    def __init__(self, net: torch.nn.Module, in_channels: int, bf16: bool, seed: int, setup: Setup):
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
-        super().__init__(net, in_channels, bf16, seed)
+        super().__init__(net, in_channels, bf16, seed, setup)
         self.optimizer = torch.optim.AdamW(
             net.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8
         )
@@ -199,8 +233,9 @@ class Theirs(Bench):
         )
 
     def loss(self) -> torch.Tensor:
-        noise = torch.randn(self.x0.shape, generator=self.generator)
-        t = torch.randint(0, NUM_TIMESTEPS, (BATCH,), generator=self.generator)
+        noise = torch.randn(self.x0.shape, generator=self.generator).to(self.setup.device)
+        t = torch.randint(0, NUM_TIMESTEPS, (self.setup.batch,), generator=self.generator)
+        t = t.to(self.setup.device)
         noisy = self.scheduler.add_noise(self.x0, noise, t)
         with self._autocast():
             eps_pred = self.net(noisy, t)
@@ -210,7 +245,9 @@ class Theirs(Bench):
         self.ema.step(self.net.parameters())
 
 
-def interleaved(fns: dict[str, callable], warmup: int, reps: int) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, callable], warmup: int, reps: int, setup: Setup = Setup()
+) -> dict[str, list[float]]:
     """Seconds per call of each fn, alternating between them so drifts in machine load hit both."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -218,8 +255,10 @@ def interleaved(fns: dict[str, callable], warmup: int, reps: int) -> dict[str, l
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            setup.sync()
             start = time.perf_counter()
             fn()
+            setup.sync()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -236,29 +275,54 @@ def fastest(times: dict[str, list[float]], net: str) -> str:
     return min(keys, key=lambda k: statistics.median(times[k]))
 
 
-def run_shape(in_channels: int, precisions: list[str], warmup: int, reps: int, peaks: dict) -> dict:
+def peer_unet(setup: Setup, in_channels: int) -> torch.nn.Module:
+    """diffusers' network: for ``small`` UNet2DModel at equal size (``diffusers_unet``), for a
+    preset it can express (``cifar10``: Ho et al.'s) the same network (``ddpm export``'s config)."""
+    if setup.net == "small":
+        return Unwrap(diffusers_unet(in_channels))
+    from diffusers import UNet2DModel
+
+    config = diffusers_config_from_unet(
+        build_unet(setup.net, in_channels=in_channels, image_size=IMAGE_SIZE)
+    )
+    return Unwrap(UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def run_shape(
+    in_channels: int,
+    precisions: list[str],
+    warmup: int,
+    reps: int,
+    peaks: dict,
+    setup: Setup = Setup(),
+) -> dict:
     """Every (network, precision) pair of one image shape, interleaved in one loop."""
     benches, params, flops = {}, {}, {}
     for net_name, make, kind in (
-        ("ours", lambda: build_unet("small", in_channels=in_channels, image_size=IMAGE_SIZE), Ours),
-        ("theirs", lambda: Unwrap(diffusers_unet(in_channels)), Theirs),
+        (
+            "ours",
+            lambda: build_unet(setup.net, in_channels=in_channels, image_size=IMAGE_SIZE),
+            Ours,
+        ),
+        ("theirs", lambda: peer_unet(setup, in_channels), Theirs),
     ):
         for precision in precisions:
             torch.manual_seed(0)
             net = make()
             params[net_name] = count_parameters(net)
             key = f"{net_name} {precision}"
-            benches[key] = kind(net, in_channels, precision == "bf16", seed=1)
+            benches[key] = kind(net, in_channels, precision == "bf16", seed=1, setup=setup)
             if precision == "fp32":  # the same FLOPs in either precision
                 flops[net_name] = benches[key].train_flops()
-        if net_name == "ours" and "bf16" in precisions:
+        if net_name == "ours" and "bf16" in precisions and setup.device.type == "cpu":
             # What the batch threads buy: ddpm's bf16 step with PyTorch's own threading.
             torch.manual_seed(0)
-            benches["ours bf16 whole-batch"] = Ours(make(), in_channels, True, 1, batch_threads=1)
+            whole = Ours(make(), in_channels, True, 1, setup=setup, batch_threads=1)
+            benches["ours bf16 whole-batch"] = whole
     ratio = params["ours"] / params["theirs"]
     assert 0.9 <= ratio <= 1.1, f"parameter counts differ by more than 10%: {params}"
-    train = interleaved({k: b.train_step for k, b in benches.items()}, warmup, reps)
-    sample = interleaved({k: b.evaluate for k, b in benches.items()}, warmup, reps)
+    train = interleaved({k: b.train_step for k, b in benches.items()}, warmup, reps, setup)
+    sample = interleaved({k: b.evaluate for k, b in benches.items()}, warmup, reps, setup)
 
     def gflops(key: str) -> float:
         return flops[key.split()[0]] / statistics.median(train[key]) / 1e9
@@ -267,10 +331,10 @@ def run_shape(in_channels: int, precisions: list[str], warmup: int, reps: int, p
     best_eval = {n: fastest(sample, n) for n in ("ours", "theirs")}
     return {
         "shape": f"{in_channels}x{IMAGE_SIZE}x{IMAGE_SIZE}",
-        "batch": BATCH,
+        "batch": setup.batch,
         "params": params,
         "train_flops_per_step": flops,
-        "train_img_per_s": {k: BATCH / statistics.median(v) for k, v in train.items()},
+        "train_img_per_s": {k: setup.batch / statistics.median(v) for k, v in train.items()},
         "train_gflop_per_s": {k: gflops(k) for k in train},
         "train_share_of_peak": {
             k: {p: gflops(k) / peaks[p]["gflop_per_s"] for p in peaks} for k in train
@@ -367,6 +431,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7)")
     parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda[:N]: where both networks run"
+    )
+    parser.add_argument(
+        "--net",
+        default="small",
+        choices=["small", "cifar10"],
+        help="ours: small (against diffusers at equal size) or cifar10 (Ho et al.'s 35.7M network, "
+        "the same network in diffusers)",
+    )
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step ({BATCH})")
+    parser.add_argument(
+        "--channels",
+        default=None,
+        help="image channels to run, e.g. 1,3 (default: 1,3 for small, 3)",
+    )
+    parser.add_argument(
         "--bf16",
         choices=["auto", "on", "off"],
         default="auto",
@@ -388,19 +468,27 @@ def main(argv: list[str] | None = None) -> int:
 
     reps = args.reps or (2 if args.quick else 7)
     warmup = 1 if args.quick else 2
-    native_bf16 = bf16_supported()
+    setup = Setup(resolve_device(args.device), args.batch, args.net)
+    on_gpu = setup.device.type == "cuda"
+    if on_gpu:  # "fp32" rows on a GPU use TF32 tensor cores, as both libraries' users would
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    native_bf16 = torch.cuda.is_bf16_supported() if on_gpu else bf16_supported()
     run_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16)
+    where = describe_device(setup.device) if on_gpu else f"{torch.get_num_threads()} threads, CPU"
     print(
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"{torch.get_num_threads()} threads, CPU {cpu_name()}, "
-        f"native bf16: {native_bf16}",
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, {where} {cpu_name()}, "
+        f"native bf16: {native_bf16}; ours: {setup.net}, batch {setup.batch}",
         flush=True,
     )
     # Without native bf16 a 2048^2 bf16 mm takes about a minute; a smaller one shows the rate.
-    bf16_size = PEAK_SIZE if native_bf16 else 512
+    size = 8192 if on_gpu else PEAK_SIZE
+    bf16_size = size if native_bf16 else 512
     peaks = {
-        "fp32": {"size": PEAK_SIZE, "gflop_per_s": matmul_peak(torch.float32, PEAK_SIZE, 5)},
-        "bf16": {"size": bf16_size, "gflop_per_s": matmul_peak(torch.bfloat16, bf16_size, 3)},
+        "fp32": {"size": size, "gflop_per_s": matmul_peak(torch.float32, size, 5, setup)},
+        "bf16": {
+            "size": bf16_size,
+            "gflop_per_s": matmul_peak(torch.bfloat16, bf16_size, 3, setup),
+        },
     }
     print(
         "peaks (torch.mm): "
@@ -415,9 +503,10 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     shapes = []
+    channels = args.channels or ("1,3" if setup.net == "small" else "3")
     with busy_processes(args.background_load):
-        for in_channels in (1, 3):
-            shape = run_shape(in_channels, precisions, warmup, reps, peaks)
+        for in_channels in (int(c) for c in channels.split(",")):
+            shape = run_shape(in_channels, precisions, warmup, reps, peaks, setup)
             shapes.append(shape)
             print(
                 f"{shape['shape']}: best vs best train {shape['train_speedup_best']:.2f}x, "
@@ -425,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     print()
-    print(f"CPU: {cpu_name()}")
+    print(f"GPU: {describe_device(setup.device)}" if on_gpu else f"CPU: {cpu_name()}")
     print(table(shapes, peaks))
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -441,12 +530,15 @@ def main(argv: list[str] | None = None) -> int:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average_at_end": os.getloadavg(),
             "background_load": args.background_load,
+            "device": describe_device(setup.device),
         },
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "warmup": warmup,
         "reps": reps,
         "peaks": peaks,
-        "ours": build_unet("small", in_channels=1, image_size=IMAGE_SIZE).config,
+        "ours": build_unet(setup.net, in_channels=1, image_size=IMAGE_SIZE).config,
+        "net": setup.net,
+        "batch": setup.batch,
         "shapes": shapes,
     }
     write_json(args.out, result)

@@ -419,7 +419,7 @@ def _setup(
     if tc.compile:
         net = torch.compile(net)
     workers = resolve_batch_threads(batch_threads, device, precision)
-    if d.enabled or tc.compile or (batch_threads == "auto" and _has_dropout(model)):
+    if d.enabled or tc.compile or (batch_threads == "auto" and has_dropout(model)):
         workers = 1
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -440,7 +440,8 @@ def _setup(
                 trained_on, resumed.path if resumed else None, BatchThreads(workers))  # fmt: skip
 
 
-def _has_dropout(model: torch.nn.Module) -> bool:
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether the network has an active dropout layer (whose masks batch threads would reorder)."""
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
