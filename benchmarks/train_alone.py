@@ -6,6 +6,7 @@ equal-time comparison, or a model for benchmarks/sampler_quality.py.
     OMP_NUM_THREADS=1 python benchmarks/train_alone.py --precision fp32 --run-dir runs/mnist_fp32
     ddpm eval runs/mnist_auto --num 1000 --seed 0     # and --seed 1, and the same for runs/mnist_fp32
     OMP_NUM_THREADS=1 python benchmarks/train_alone.py --schedule cosine --run-dir runs/mnist_cos  # README, cosine grid
+    python benchmarks/train_alone.py --minutes 2 --batch-size 128 --run-dir runs/mnist  # on a GPU (gpu_session.sh)
 
 Run the two side by side (one thread each) so that machine load hits both; then compare them with
 ``ddpm eval`` (which samples in fp32). The README's "Precision" paragraph was made this way.
@@ -35,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="mnist")
     parser.add_argument("--minutes", type=float, default=25.0)
+    parser.add_argument("--steps", type=int, help="stop after this many steps (if sooner)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: quality.py's)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--schedule", default="linear", choices=sorted(BETA_SCHEDULES))
@@ -42,8 +45,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     config = our_config(args.data, args.minutes, args.seed, args.precision)
+    budget = {"steps": args.steps} | ({"batch_size": args.batch_size} if args.batch_size else {})
     config = dataclasses.replace(
-        config, diffusion=dataclasses.replace(config.diffusion, schedule=args.schedule)
+        config,
+        diffusion=dataclasses.replace(config.diffusion, schedule=args.schedule),
+        train=dataclasses.replace(config.train, **budget),
     )
     result = train(config, args.run_dir, progress=False, verbose=False)
     print(

@@ -5,6 +5,7 @@ often in a later session; ``--help`` imports the whole script and builds its par
 """
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,34 @@ def test_background_load_runs_busy_processes_only_inside_its_block(monkeypatch):
         children = multiprocessing.active_children()
         assert len(children) == 2 and all(p.is_alive() for p in children)
     assert multiprocessing.active_children() == []
+
+
+def _benchmark_calls(script: str) -> dict[str, set[str]]:
+    """{benchmark name: the options a shell script passes it}, the options of the variables its
+    call expands (every assignment of them) included."""
+    joined = script.replace("\\\n", " ")
+    calls: dict[str, set[str]] = {}
+    for line in joined.splitlines():
+        for name in re.findall(r"benchmarks/(\w+)\.py", line):
+            if line.lstrip().startswith("#"):
+                continue
+            flags = set(re.findall(r"\s(--[a-z][a-z0-9-]*)", line))
+            for var in re.findall(r"\$([A-Z_]+)", line):
+                for value in re.findall(rf'\b{var}="([^"]*)"', joined):
+                    flags |= set(re.findall(r"(--[a-z][a-z0-9-]*)", value))
+            calls.setdefault(name, set()).update(flags)
+    return calls
+
+
+def test_the_gpu_session_script_passes_only_options_its_benchmarks_take():
+    path = Path(__file__).parent.parent / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    calls = _benchmark_calls(path.read_text())
+    assert set(calls) == {"train_speed", "train_alone", "sampler_quality", "sampler_figure"}
+    for name, flags in calls.items():
+        script = path.parent / f"{name}.py"
+        done = subprocess.run(
+            [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+        )
+        unknown = {f for f in flags if f not in done.stdout}
+        assert not unknown, f"{name}.py takes no {sorted(unknown)}"
