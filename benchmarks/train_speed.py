@@ -60,6 +60,7 @@ from ddpm.devices import (  # noqa: E402
 from ddpm.interop import diffusers_config_from_unet  # noqa: E402
 from ddpm.nets import build_unet, count_parameters  # noqa: E402
 from ddpm.objective import Objective  # noqa: E402
+from ddpm.runs import sampling_network  # noqa: E402
 from ddpm.schedules import NoiseSchedule  # noqa: E402
 from ddpm.train import has_dropout, loss_and_backward  # noqa: E402
 from ddpm.train_state import ema_update  # noqa: E402
@@ -175,7 +176,7 @@ class Bench:
 class Ours(Bench):
     """``ddpm train``'s step: Objective, clipping at 1, AdamW (weight decay 0), EMA 0.999, the batch in
     the shares of ``--batch-threads`` (``train``'s ``loss_and_backward``); evaluation as ``ddpm
-    sample`` calls the network (``at_precision``, ``split_batch``)."""
+    sample`` calls the network (``sampling_network``, ``at_precision``, ``split_batch``)."""
 
     def __init__(
         self,
@@ -196,7 +197,12 @@ class Ours(Bench):
             batch_threads = 1
         workers = resolve_batch_threads(batch_threads, setup.device, self.precision)
         self.threads = BatchThreads(workers)
-        self.network = split_batch(at_precision(net, setup.device, self.precision), self.threads)
+        # As ddpm sample calls it: on a CPU in bf16 a channels_last copy (the weights of the moment:
+        # only the timing of the evaluation rows uses it).
+        sampler_net = sampling_network(net, setup.device, self.precision)
+        self.network = split_batch(
+            at_precision(sampler_net, setup.device, self.precision), self.threads
+        )
 
     def train_step(self) -> None:
         drawn = self.objective.draw(self.x0.shape, self.generator).to(self.setup.device)

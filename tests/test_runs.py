@@ -315,3 +315,31 @@ def test_an_out_path_that_names_a_file_is_refused_and_nothing_is_written(
     with pytest.raises(ConfigError, match="folder"):
         sample_run(trained_run, num=2, steps=2, out_dir=out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if name == "a_file" else [])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_cpu_samples_with_the_channels_last_copy_in_bf16_only(
+    trained_run, tmp_path, monkeypatch, precision
+):
+    from ddpm.nets import UNet
+
+    copies, real = [], UNet.channels_last_copy
+    monkeypatch.setattr(UNet, "channels_last_copy", lambda self: copies.append(1) or real(self))
+    run = _with_sample(trained_run, tmp_path, precision=precision)
+    sample_run(run, num=3, steps=4, out_dir=tmp_path / "s", progress=False)
+    assert len(copies) == (1 if precision == "bf16" else 0)
+
+
+def test_sampling_network_leaves_other_devices_and_networks_as_they_are():
+    from ddpm.nets import MLP, build_unet
+    from ddpm.runs import sampling_network
+
+    net = build_unet("tiny", in_channels=1, image_size=8)
+    mlp = MLP()
+    assert sampling_network(net, torch.device("cpu"), "fp32") is net
+    assert sampling_network(net, torch.device("meta"), "bf16") is net
+    assert sampling_network(mlp, torch.device("cpu"), "bf16") is mlp
+    clone = sampling_network(net, torch.device("cpu"), "bf16")
+    assert clone is not net and clone.conv_out.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )

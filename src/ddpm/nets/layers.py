@@ -58,9 +58,34 @@ def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> 
     return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-def group_norm(channels: int, groups: int | None = None, eps: float = 1e-5) -> nn.GroupNorm:
+# Below this many positions per channel, a channels_last GroupNorm on a CPU runs on an NCHW copy.
+CHANNELS_LAST_NORM_MIN_POSITIONS = 1024
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, same state dict) that stays fast on channels_last maps.
+
+    PyTorch's CPU kernel for channels_last inputs is as fast as the NCHW one from 32x32 positions up,
+    but 10-20x slower on smaller maps (torch 2.13, one thread, bf16: [32, 96, 8, 8] 1.5 ms against
+    0.14 ms NCHW; [32, 48, 16, 16] 3.1 against 0.21), so those are normalised as an NCHW copy and
+    handed back in channels_last. NCHW inputs, and every GPU, take the native kernel unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type == "cpu"
+            and x.ndim == 4
+            and x.shape[2] * x.shape[3] < CHANNELS_LAST_NORM_MIN_POSITIONS
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            y = super().forward(x.contiguous())
+            return y.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
+def group_norm(channels: int, groups: int | None = None, eps: float = 1e-5) -> GroupNorm:
     """GroupNorm over ``channels``: ``groups`` groups, or ``num_groups(channels)`` when None."""
-    return nn.GroupNorm(num_groups(channels) if groups is None else groups, channels, eps=eps)
+    return GroupNorm(num_groups(channels) if groups is None else groups, channels, eps=eps)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
