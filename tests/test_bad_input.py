@@ -174,6 +174,18 @@ def _newer_checkpoint(run: Path) -> None:
     meta.write_text(meta.read_text().replace('"version": 1', '"version": 99'))
 
 
+def _edited_meta(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Change the newest checkpoint's meta.json (which no checksum covers)."""
+
+    def prepare(run: Path) -> None:
+        path = run / "checkpoints" / "step_0000030" / "meta.json"
+        meta = json.loads(path.read_text())
+        edit(meta)
+        path.write_text(json.dumps(meta))
+
+    return prepare
+
+
 def _no_checkpoints(run: Path) -> None:
     shutil.rmtree(run / "checkpoints")
 
@@ -254,6 +266,40 @@ ROWS: dict[str, Row] = {
         train_with("--image-size", "7"), 2, "image size 7 is not divisible"
     ),
     "steps not a number": Row(train_with("--steps", "ten"), 2, "invalid int value"),
+    "batch size that fills the machine": Row(
+        train_with("--batch-size", "99999999999999999"), 2, "batch_size must be at most 1048576"
+    ),
+    "T that fills the machine": Row(
+        train_with("--timesteps", "10000000000"), 2, "num_timesteps must be at most 100000"
+    ),
+    "channel_mult of 0": Row(
+        train_with_toml("[model]\nchannel_mult = [0]\n"), 2, "channel_mult entries must be a"
+    ),
+    "a class for the pictures of an unconditional run": Row(
+        train_with_toml("[sample]\nclass_label = 3\n"), 2, "needs a class-conditional run"
+    ),
+    "forward of -1 examples": Row(
+        lambda tmp, _r: ["forward", "--num", "-1", "--out", str(tmp / "f.png")],
+        2,
+        "--num must be between 1 and 1000",
+    ),
+    "interpolation of 10^8 frames": Row(
+        copied_run(
+            _nothing,
+            "edit",
+            "interpolate",
+            "RUN",
+            "--seed",
+            "1",
+            "--seed",
+            "2",
+            "--frames",
+            "100000000",
+            "-q",
+        ),  # fmt: skip
+        2,
+        "--frames must be between 2 and 1000",
+    ),
     "unknown option": Row(train_with("--learning-rate", "1"), 2, "unrecognized arguments"),
     "invalid TOML": Row(train_with_toml("[train\nsteps = 1\n"), 2, "invalid TOML"),
     "unknown TOML key": Row(train_with_toml("[train]\nstpes = 1\n"), 2, "train.stpes"),
@@ -289,6 +335,41 @@ ROWS: dict[str, Row] = {
     ),
     "checkpoint from a newer ddpm": Row(
         copied_run(_newer_checkpoint, "sample", "RUN", "-q"), 5, "is newer than this ddpm reads"
+    ),
+    "checkpoint whose step is not a number": Row(
+        copied_run(_edited_meta(lambda m: m.update(step="ten")), "sample", "RUN", *SHORT),
+        5,
+        "corrupt metadata",
+    ),
+    "checkpoint whose file list is corrupt": Row(
+        copied_run(
+            _edited_meta(lambda m: m["files"].update({"ema.safetensors": "abc"})),
+            "sample",
+            "RUN",
+            *SHORT,
+        ),  # fmt: skip
+        5,
+        "corrupt metadata",
+    ),
+    "checkpoint with impossible network settings": Row(
+        copied_run(
+            _edited_meta(lambda m: m["model"]["config"].update(num_heads=0)),
+            "sample",
+            "RUN",
+            *SHORT,
+        ),  # fmt: skip
+        5,
+        "network settings are invalid",
+    ),
+    "checkpoint with an unknown network setting": Row(
+        copied_run(
+            _edited_meta(lambda m: m["model"]["config"].update(bogus=1)),
+            "sample",
+            "RUN",
+            *SHORT,
+        ),  # fmt: skip
+        5,
+        "network settings are invalid",
     ),
     "sample --out names a file": Row(
         with_file("f", lambda tmp, run: ["sample", str(run), "--out", "FILE", *SHORT]),
@@ -433,3 +514,17 @@ def test_read_only_output_directory_is_one_line(tmp_path, points_toml, capsys):
     message = "Permission denied" if os.geteuid() != 0 else "Operation not permitted"
     assert_one_line(err, code, Row(None, 1, message))
     assert not run.exists()
+
+
+def test_running_out_of_memory_is_one_line_saying_so(monkeypatch, capsys, tmp_path):
+    import ddpm.cli
+
+    def allocate(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 8000000000000 bytes.")  # fmt: skip
+
+    monkeypatch.setattr(ddpm.cli, "_cmd_info", allocate)
+    code = main(["info", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("ddpm: error: out of memory") and "--batch-size" in err

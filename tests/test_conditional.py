@@ -259,3 +259,14 @@ def test_two_processes_drop_the_labels_of_one_process(tmp_path):
     proc = torchrun([*args, "--run-dir", str(tmp_path / "two"), "-q"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_close_weights(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_guidance_scale_that_overflows_is_refused_and_writes_no_samples(
+    cond_run, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    argv = ["sample", str(cond_run), "--class", "0", "--guidance", "1e308", "--num", "2"]
+    code = main([*argv, "--steps", "2", "-q", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not finite" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))

@@ -389,3 +389,30 @@ def test_ho2020_recipe_holds_the_papers_settings():
     )
     with pytest.raises(ConfigError, match="ho2020"):
         recipe_path("nope")
+
+
+@pytest.mark.parametrize("data", ["bogus", "moons"])
+def test_import_refuses_a_data_set_that_is_not_one_of_images_and_writes_nothing(tmp_path, data):
+    from ddpm.interop import import_diffusers
+
+    random_unet2d(SMALL).save_pretrained(tmp_path / "unet")
+    with pytest.raises(ConfigError, match=f"unknown image data set '{data}'"):
+        import_diffusers(tmp_path / "unet", tmp_path / "run", data=data)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_import_that_fails_while_writing_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import ddpm.interop
+    from ddpm.interop import import_diffusers
+
+    random_unet2d(SMALL).save_pretrained(tmp_path / "unet")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ddpm.interop, "save_run_config", full_disk)  # after the checkpoint
+    with pytest.raises(OSError):
+        import_diffusers(tmp_path / "unet", tmp_path / "run", data="cifar10")
+    assert not (tmp_path / "run").exists()  # so a retry is not refused
+    monkeypatch.undo()
+    import_diffusers(tmp_path / "unet", tmp_path / "run", data="cifar10")

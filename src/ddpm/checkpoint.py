@@ -300,6 +300,12 @@ def load_checkpoint(path: str | os.PathLike, groups: tuple[str, ...] | None = No
         or not isinstance(meta.get("files"), dict)
     ):
         raise CheckpointError(f"{meta_path}: not a ddpm checkpoint")
+    version, step = meta.get("version", 0), meta.get("step", -1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (version, step)) or not all(
+        isinstance(info, dict) and isinstance(info.get("sha256"), str)
+        for info in meta["files"].values()
+    ):
+        raise CheckpointError(f"{meta_path}: corrupt metadata (version, step or files)")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {meta['version']} is newer than this ddpm reads"

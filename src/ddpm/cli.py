@@ -809,6 +809,16 @@ def _add_edit(sub) -> None:
         m.set_defaults(func=_cmd_edit)
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether an error is an allocation that failed (CPU or GPU), not a bug."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("can't allocate memory", "not enough memory", "out of memory")
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script passes it to sys.exit)."""
     parser = build_parser()
@@ -843,6 +853,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as err:  # a bug: still one line, with a way to get the traceback
             if debug:
                 raise
+            if _out_of_memory(err):
+                print(
+                    f"ddpm: error: out of memory ({_one_line(err)[:120]}); a smaller --batch-size, "
+                    "--num or image size needs less",
+                    file=sys.stderr,
+                )
+                return 1
             print(
                 f"ddpm: error: internal error: {type(err).__name__}: {_one_line(err)} "
                 "(set DDPM_DEBUG=1 for a traceback)",

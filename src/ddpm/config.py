@@ -48,13 +48,24 @@ TIMESTEP_SAMPLERS = ("uniform", "importance")
 DEFAULT_SAMPLE_STEPS = 50
 
 
-def _positive_int(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+# Upper bounds on sizes that allocate memory in proportion: far above any real use, they turn a typo
+# (an extra digit, 1e17) into one line before any work instead of an allocation of the whole machine.
+MAX_BATCH = 2**20
+MAX_TIMESTEPS = 100_000
+MAX_IMAGE_SIZE = 4096
+
+
+def _positive_int(
+    name: str, value, *, allow_none: bool = False, allow_zero: bool = False, high: int | None = None
+) -> None:
     if value is None and allow_none:
         return
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         kind = "a non-negative" if allow_zero else "a positive"
         raise ConfigError(f"{name} must be {kind} integer, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} must be at most {high}, got {value!r}")
 
 
 def _positive_float(
@@ -86,7 +97,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"data.name must be a non-empty string, got {self.name!r}")
-        _positive_int("data.image_size", self.image_size, allow_none=True)
+        _positive_int("data.image_size", self.image_size, allow_none=True, high=MAX_IMAGE_SIZE)
         _one_of("data.split", self.split, SPLITS)
         _positive_int("data.num_points", self.num_points)
 
@@ -120,6 +131,13 @@ class ModelConfig:
         for name in ("base_channels", "num_res_blocks", "num_heads", "hidden", "time_embed_dim"):
             _positive_int(f"model.{name}", getattr(self, name), allow_none=True)
         _positive_int("model.num_layers", self.num_layers, allow_none=True, allow_zero=True)
+        for name in ("channel_mult", "attention_resolutions"):
+            values = getattr(self, name)
+            if values is not None:
+                if name == "channel_mult" and not values:
+                    raise ConfigError("model.channel_mult must name at least one level")
+                for value in values:
+                    _positive_int(f"model.{name} entries", value)
         if self.dropout is not None and not (
             isinstance(self.dropout, float | int) and 0 <= self.dropout < 1
         ):
@@ -154,7 +172,7 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         _one_of("schedule", self.schedule, BETA_SCHEDULES)
-        _positive_int("diffusion.num_timesteps", self.num_timesteps)
+        _positive_int("diffusion.num_timesteps", self.num_timesteps, high=MAX_TIMESTEPS)
         _one_of("prediction", self.prediction, PREDICTIONS)
         _one_of("variance", self.variance, VARIANCES)
         if self.loss is not None:
@@ -227,7 +245,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive_int("steps", self.steps, allow_none=True)
         _positive_float("minutes", self.minutes, allow_none=True)
-        _positive_int("batch_size", self.batch_size)
+        _positive_int("batch_size", self.batch_size, high=MAX_BATCH)
         _positive_float("lr", self.lr, allow_none=True)
         _positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
         _positive_float("weight_decay", self.weight_decay, allow_zero=True)

@@ -271,8 +271,8 @@ def interpolate_run(
     if (len(images), len(seeds)) not in ((2, 0), (0, 2)):
         raise ConfigError("interpolate needs two --image or two --seed (not one, nor both)")
     _positive("--frames", frames)
-    if frames < 2:
-        raise ConfigError(f"--frames must be at least 2, got {frames}")
+    if not 2 <= frames <= 1000:
+        raise ConfigError(f"--frames must be between 2 and 1000, got {frames}")
     run = _load(run_dir, device, out_dir)
     ends = [read_run_image(p, run.sample_shape) for p in images]
     model, chain = _model(run, class_label, guidance), _chain(run.schedule, steps, 100)

@@ -17,8 +17,10 @@ in one line, and nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +36,8 @@ from ddpm.config import (
     SampleConfig,
     resolve_config,
 )
+from ddpm.data import DATASETS
+from ddpm.data.toy import TOY_SETS
 from ddpm.errors import CheckpointError, ConfigError, RunDirError
 from ddpm.nets import UNET_PRESETS, UNet, build_unet, count_parameters
 from ddpm.nets.layers import num_groups
@@ -728,6 +732,22 @@ def _check_new_dir(path: Path, what: str, error: type[Exception]) -> None:
         raise error(f"{path} already exists and is not an empty folder; choose a new {what}")
 
 
+@contextlib.contextmanager
+def _complete_or_absent(path: Path):
+    """Whatever the block writes under the new (or empty) folder ``path`` is removed if it fails,
+    so that a retry after a full disk does not find a half-made folder in its way."""
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if existed:
+            for child in path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
 # --------------------------------------------------------------------------------------------------
 # the two commands
 # --------------------------------------------------------------------------------------------------
@@ -856,6 +876,9 @@ def import_diffusers(
     Raises ConfigError / CheckpointError / RunDirError (one line) and writes nothing on failure."""
     run_dir = Path(run_dir)
     _check_new_dir(run_dir, "--run-dir", RunDirError)
+    if data is not None and (data not in DATASETS or data in TOY_SETS):
+        images = [name for name in DATASETS if name not in TOY_SETS]
+        raise ConfigError(f"unknown image data set {data!r} for --data; known: {', '.join(images)}")
     unet_dir, scheduler_path = find_diffusers_model(src)
     unet_config = _read_json(unet_dir / UNET_CONFIG, "UNet2DModel config")
     kwargs, notes = unet_kwargs_from_diffusers(unet_config)
@@ -887,8 +910,11 @@ def import_diffusers(
         },
     }
     weights = net.state_dict()
-    checkpoint = save_checkpoint(run_dir, 0, {"model": weights, "ema": weights}, meta)
-    save_run_config(config, run_dir / CONFIG_FILE)  # last: a run directory is complete or absent
+    with _complete_or_absent(run_dir):
+        checkpoint = save_checkpoint(run_dir, 0, {"model": weights, "ema": weights}, meta)
+        save_run_config(
+            config, run_dir / CONFIG_FILE
+        )  # last: a run directory is complete or absent
     return ImportReport(run_dir, checkpoint, num_parameters, preset, config, tuple(notes))
 
 
@@ -917,12 +943,13 @@ def export_diffusers(
         "unet": ["diffusers", "UNet2DModel"],
     }
     unet_dir = out_dir / "unet"
-    atomic_write_bytes(unet_dir / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(unet_dir / UNET_CONFIG, _json_bytes(unet_config))
-    sched_path = atomic_write_bytes(
-        out_dir / "scheduler" / SCHEDULER_CONFIG, _json_bytes(scheduler)
-    )
-    atomic_write_bytes(out_dir / MODEL_INDEX, _json_bytes(index))
+    with _complete_or_absent(out_dir):
+        atomic_write_bytes(unet_dir / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+        atomic_write_bytes(unet_dir / UNET_CONFIG, _json_bytes(unet_config))
+        sched_path = atomic_write_bytes(
+            out_dir / "scheduler" / SCHEDULER_CONFIG, _json_bytes(scheduler)
+        )
+        atomic_write_bytes(out_dir / MODEL_INDEX, _json_bytes(index))
     return ExportReport(out_dir, unet_dir, sched_path, count_parameters(model))
 
 

@@ -61,7 +61,7 @@ from ddpm.devices import (
     resolve_precision,
     split_batch,
 )
-from ddpm.errors import ConfigError, DDPMError, RunDirError
+from ddpm.errors import CheckpointError, ConfigError, DDPMError, RunDirError
 from ddpm.guidance import classifier_free_guidance
 from ddpm.nets import MLP, UNET_PRESETS, UNet, build_unet
 from ddpm.objective import Objective
@@ -138,7 +138,15 @@ def model_from_meta(meta: dict[str, Any]) -> torch.nn.Module:
         ) from None
     if arch not in ARCHS:
         raise RunDirError(f"unknown network {arch!r} in the checkpoint; known: {', '.join(ARCHS)}")
-    return ARCHS[arch](**net_config)
+    if not isinstance(net_config, dict):
+        raise CheckpointError("the checkpoint's model.config is not a table of settings")
+    try:
+        return ARCHS[arch](**net_config)
+    except ConfigError as err:
+        raise CheckpointError(f"the checkpoint's network settings are invalid: {err}") from None
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as err:  # a corrupt meta.json
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"the checkpoint's network settings are invalid ({first})") from None
 
 
 def load_weights(module: torch.nn.Module, tensors: dict[str, Tensor], what: str) -> None:
@@ -718,6 +726,11 @@ def _npz_rows(batches, class_labels: Tensor | None, preview: _Preview):
     start = 0
     for out in batches:
         x0 = out.x0.float().cpu()
+        if not torch.isfinite(x0).all():  # refused before the .npz is complete: nothing is written
+            raise ConfigError(
+                "the samples are not finite (NaN or inf): a guidance scale this large overflows, "
+                "or the network's weights are broken"
+            )
         rows = torch.arange(start, start + len(x0))
         preview.add(x0, rows, out.trajectory)
         chunk = {"x0": x0.numpy()}
@@ -898,7 +911,10 @@ def forward_process_picture(
     num: int = 8,
     seed: int = 0,
 ) -> Path:
-    """Picture of q(x_t | x_0) on real data: ``num`` examples (images) or 2000 points, from x_0 to x_T."""
+    """Picture of q(x_t | x_0) on real data: ``num`` examples (images, one row each; 1..1000) or 2000
+    points, from x_0 to x_T."""
+    if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 1000:
+        raise ConfigError(f"--num must be between 1 and 1000 examples (rows), got {num!r}")
     dataset = load_dataset(
         data.name,
         split=data.split,

@@ -360,6 +360,12 @@ def _resolve(config: RunConfig, run_dir: Path, d: distributed.Dist):
     )
     if (run_dir / CONFIG_FILE).is_file():
         check_same_run(load_run_config(run_dir), config, run_dir)
+    if config.sample.class_label is not None and config.model.cond != "class":
+        # else the run trains to the end and only then fails to draw its pictures, every time
+        raise ConfigError(
+            f"[sample] class_label = {config.sample.class_label} needs a class-conditional run "
+            "(--cond class)"
+        )
     if config.train.batch_size % d.world_size:
         raise ConfigError(
             f"batch_size {config.train.batch_size} (the global batch) is not divisible by the "
