@@ -278,6 +278,17 @@ ROWS: dict[str, Row] = {
     "a class for the pictures of an unconditional run": Row(
         train_with_toml("[sample]\nclass_label = 3\n"), 2, "needs a class-conditional run"
     ),
+    "forward picture under a JPEG name": Row(
+        lambda tmp, _r: ["forward", "--out", str(tmp / "f.jpg")], 2, "must end in .png"
+    ),
+    "nll with a negative seed": Row(
+        copied_run(_nothing, "nll", "RUN", "--num", "2", "--seed", "-1", "-q"),
+        2,
+        "seed must be a non-negative integer",
+    ),
+    "sample from a run dir that is a file": Row(
+        with_file("f", lambda tmp, run: ["sample", "FILE", *SHORT]), 4, "is a file, not a run"
+    ),
     "forward of -1 examples": Row(
         lambda tmp, _r: ["forward", "--num", "-1", "--out", str(tmp / "f.png")],
         2,

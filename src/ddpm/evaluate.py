@@ -138,6 +138,8 @@ def nll_run(
     draws from. None: as the run samples (its [sample] clip_x0, images only)."""
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     check_out_dir(out_dir)
     run = load_run(run_dir, use_ema=use_ema, device=device)
     config, T = run.config, run.schedule.num_timesteps

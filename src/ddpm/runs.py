@@ -161,6 +161,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     """The config.json of a run directory; RunDirError if the directory is not a run."""
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a run directory")
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
     if not path.is_file():
@@ -915,6 +917,8 @@ def forward_process_picture(
     points, from x_0 to x_T."""
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 1000:
         raise ConfigError(f"--num must be between 1 and 1000 examples (rows), got {num!r}")
+    if Path(out).suffix.lower() != ".png":
+        raise ConfigError(f"--out {out} must end in .png: the picture is written as a PNG")
     dataset = load_dataset(
         data.name,
         split=data.split,
