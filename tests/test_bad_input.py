@@ -281,6 +281,21 @@ ROWS: dict[str, Row] = {
     "forward picture under a JPEG name": Row(
         lambda tmp, _r: ["forward", "--out", str(tmp / "f.jpg")], 2, "must end in .png"
     ),
+    "sample seed beyond 64 bits": Row(
+        copied_run(_nothing, "sample", "RUN", "--seed", "99999999999999999999999", *SHORT),
+        2,
+        "sample.seed must be at most",
+    ),
+    "edit seed below 0": Row(
+        copied_run(_nothing, "edit", "interpolate", "RUN", "--seed", "-1", "--seed", "2", "-q"),
+        2,
+        "--seed must be an integer in 0..2^63-1",
+    ),
+    "forward seed beyond 64 bits": Row(
+        lambda tmp, _r: ["forward", "--seed", str(2**64), "--out", str(tmp / "f.png")],
+        2,
+        "seed must be a non-negative integer below 2^63",
+    ),
     "nll with a negative seed": Row(
         copied_run(_nothing, "nll", "RUN", "--num", "2", "--seed", "-1", "-q"),
         2,
@@ -382,6 +397,16 @@ ROWS: dict[str, Row] = {
         5,
         "network settings are invalid",
     ),
+    "checkpoint whose weights are of another network": Row(
+        copied_run(
+            _edited_meta(lambda m: m["model"]["config"].update(base_channels=8)),
+            "sample",
+            "RUN",
+            *SHORT,
+        ),  # fmt: skip
+        5,
+        "weights do not fit the network: size mismatch",
+    ),
     "sample --out names a file": Row(
         with_file("f", lambda tmp, run: ["sample", str(run), "--out", "FILE", *SHORT]),
         2,
@@ -396,6 +421,9 @@ ROWS: dict[str, Row] = {
         with_file("f", lambda tmp, run: ["nll", str(run), "--out", "FILE", "--num", "2", "-q"]),
         2,
         "must be a folder",
+    ),
+    "sample --out empty": Row(
+        copied_run(_nothing, "sample", "RUN", "--out", "", *SHORT), 2, "--out is empty"
     ),
     "eval --out looks like a file name": Row(
         lambda tmp, run: ["eval", str(run), "--out", str(tmp / "result.json"), "-q"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -226,3 +227,16 @@ def test_train_with_v_prediction_zero_terminal_snr_and_the_vlb_objective(tmp_pat
     assert main([*args, *flags]) == 0
     saved = (run / "config.json").read_text()
     assert '"zero_terminal_snr": true' in saved and '"timestep_sampler": "importance"' in saved
+
+
+def test_training_a_run_already_at_its_steps_says_no_samples_were_drawn(
+    trained_run, tmp_path, capsys
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    step = json.loads(next((run / "checkpoints").glob("*/meta.json")).read_text())["step"]
+    assert main(["train", "--run-dir", str(run), "--steps", str(step), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "none drawn: no step was taken" in out and "None" not in out

@@ -115,7 +115,8 @@ def test_cifar10_32_imports_with_diffusers_eps_and_exports_back(tmp_path):
     expected = eps_of(ref, x, t)
     ours = (eps_of(net, x, t) - expected).abs().max().item()
 
-    export_diffusers(tmp_path / "run", tmp_path / "out")
+    exported = export_diffusers(tmp_path / "run", tmp_path / "out")
+    assert exported.num_parameters == 35_746_307  # every weight, though the loaded model is frozen
     back = diffusers.UNet2DModel.from_pretrained(tmp_path / "out", subfolder="unet").eval()
     again = (eps_of(back, x, t) - expected).abs().max().item()
     print(

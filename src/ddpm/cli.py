@@ -73,7 +73,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"run:        {result.run_dir} (step {result.step})")
     print(f"checkpoint: {result.checkpoint}")
-    print(f"samples:    {result.samples}")
+    if result.samples is not None:
+        print(f"samples:    {result.samples}")
+    else:  # no step was taken, so the picture of the last one is already there
+        print(
+            "samples:    none drawn: no step was taken (the run was already at --steps, or the "
+            "time ran out first)"
+        )
     return 0
 
 

@@ -53,6 +53,7 @@ DEFAULT_SAMPLE_STEPS = 50
 MAX_BATCH = 2**20
 MAX_TIMESTEPS = 100_000
 MAX_IMAGE_SIZE = 4096
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 
 
 def _positive_int(
@@ -259,7 +260,7 @@ class TrainConfig:
         _positive_float("offset_noise", self.offset_noise, allow_zero=True)
         if not (isinstance(self.cond_drop, int | float) and 0 <= self.cond_drop <= 1):
             raise ConfigError(f"cond_drop must lie in [0, 1], got {self.cond_drop!r}")
-        _positive_int("seed", self.seed, allow_zero=True)
+        _positive_int("seed", self.seed, allow_zero=True, high=MAX_SEED)
         _positive_int("log_every", self.log_every)
         _positive_int("sample_every", self.sample_every, allow_zero=True)
         _positive_int("sample_steps", self.sample_steps)
@@ -307,7 +308,7 @@ class SampleConfig:
         _positive_float("eta", self.eta, allow_zero=True)
         if self.order not in (1, 2, 3):
             raise ConfigError(f"order must be 1, 2 or 3, got {self.order!r}")
-        _positive_int("sample.seed", self.seed, allow_zero=True)
+        _positive_int("sample.seed", self.seed, allow_zero=True, high=MAX_SEED)
         if self.dynamic_threshold is not None and not (
             isinstance(self.dynamic_threshold, float | int) and 0 < self.dynamic_threshold <= 1
         ):

@@ -27,6 +27,7 @@ import torch
 
 from ddpm import editing, viz
 from ddpm.checkpoint import atomic_write_bytes
+from ddpm.config import MAX_SEED
 from ddpm.data.folder import read_image
 from ddpm.data.transforms import bytes_to_unit
 from ddpm.errors import ConfigError, DataError
@@ -133,6 +134,11 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _seed(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"--seed must be an integer in 0..2^63-1, got {value!r}")
+
+
 def _load(run_dir, device, out_dir) -> LoadedRun:
     check_out_dir(out_dir)  # before any work, like ddpm sample/eval/nll
     run = load_run(run_dir, device=device)
@@ -183,6 +189,7 @@ def inpaint_run(
     _positive("--num", num)
     _positive("--jumps", jumps)
     _positive("--resample", resample)
+    _seed(seed)
     run = _load(run_dir, device, out_dir)
     x0, m = read_run_image(image, run.sample_shape), read_mask(mask, run.sample_shape)
     model, chain = _model(run, class_label, guidance), _chain(run.schedule, steps, 250)
@@ -216,6 +223,7 @@ def sdedit_run(
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
     _positive("--num", num)
+    _seed(seed)
     run = _load(run_dir, device, out_dir)
     x0 = read_run_image(image, run.sample_shape)
     model, chain = _model(run, class_label, guidance), _chain(run.schedule, steps)
@@ -270,6 +278,8 @@ def interpolate_run(
     ``steps`` points, None: 100) or of two seeds (x_T ~ N(0, I)), decoded by DDIM (eta 0) on the same chain."""
     if (len(images), len(seeds)) not in ((2, 0), (0, 2)):
         raise ConfigError("interpolate needs two --image or two --seed (not one, nor both)")
+    for s in seeds:
+        _seed(s)
     _positive("--frames", frames)
     if not 2 <= frames <= 1000:
         raise ConfigError(f"--frames must be between 2 and 1000, got {frames}")

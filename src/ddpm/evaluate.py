@@ -86,6 +86,11 @@ def _eval_dir(run_dir: str | Path, out_dir: str | Path | None) -> Path:
     return Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
 
 
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be a non-negative integer below 2^63, got {seed!r}")
+
+
 def _check_positive(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -138,8 +143,7 @@ def nll_run(
     draws from. None: as the run samples (its [sample] clip_x0, images only)."""
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_seed(seed)
     check_out_dir(out_dir)
     run = load_run(run_dir, use_ema=use_ema, device=device)
     config, T = run.config, run.schedule.num_timesteps
@@ -582,6 +586,7 @@ def eval_run(
     ``class_accuracy`` is the fraction of samples the shipped classifier assigns to their class.
     ``batch_threads``: see ``ddpm.runs.iter_samples``' ``threads``."""
     grid = _check_eval_options(num, batch_size, ref_num, sampler, grid, features)
+    _check_seed(seed)
     batch_threads = parse_batch_threads(batch_threads)
     check_out_dir(out_dir)
     run = load_run(run_dir, use_ema=use_ema, device=device)

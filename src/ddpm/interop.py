@@ -950,7 +950,8 @@ def export_diffusers(
             out_dir / "scheduler" / SCHEDULER_CONFIG, _json_bytes(scheduler)
         )
         atomic_write_bytes(out_dir / MODEL_INDEX, _json_bytes(index))
-    return ExportReport(out_dir, unet_dir, sched_path, count_parameters(model))
+    # all of them: the loaded model is frozen, and count_parameters counts trainable ones
+    return ExportReport(out_dir, unet_dir, sched_path, sum(p.numel() for p in model.parameters()))
 
 
 def _json_bytes(data: dict[str, Any]) -> bytes:

@@ -153,8 +153,10 @@ def load_weights(module: torch.nn.Module, tensors: dict[str, Tensor], what: str)
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise RunDirError(f"{what} weights do not fit the network: {first}") from None
+        # torch's first line only names the module; the next says which tensors differ
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else lines[0] if lines else "mismatch"
+        raise CheckpointError(f"{what} weights do not fit the network: {detail[:300]}") from None
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -562,6 +564,8 @@ def check_out_dir(out_dir: str | Path | None) -> None:
     a file, or ends like one that does not exist yet, is refused rather than made into a folder."""
     if out_dir is None:
         return
+    if isinstance(out_dir, str) and not out_dir.strip():
+        raise ConfigError("--out is empty; name the folder to write into")
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(

@@ -64,8 +64,8 @@ def load_dataset(
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
     if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
         raise ConfigError(f"num_points must be a positive integer, got {num_points!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be a non-negative integer below 2^63, got {seed!r}")
     return DATASETS[name](
         split=split, root=root, image_size=image_size, num_points=num_points, seed=seed
     )
