@@ -567,3 +567,18 @@ def test_running_out_of_memory_is_one_line_saying_so(monkeypatch, capsys, tmp_pa
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert err.startswith("ddpm: error: out of memory") and "--batch-size" in err
+
+
+def test_an_nll_that_fails_while_writing_leaves_none_of_its_files(
+    trained_run, tmp_path, monkeypatch
+):
+    import ddpm.evaluate
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ddpm.evaluate.viz, "plot_bound_terms", full_disk)  # after the .csv
+    out = tmp_path / "eval"
+    code = main(["nll", str(trained_run), "--num", "2", "--steps", "4", "-q", "--out", str(out)])
+    assert code == 1
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))

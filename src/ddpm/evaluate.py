@@ -163,22 +163,31 @@ def nll_run(
     tag += "" if clip_x0 or data.kind != "image" else "_noclip"
     out = _eval_dir(run_dir, out_dir)
     per_step = _per_step_means(bound, T)
-    csv_path = _write_per_step_csv(out / f"{tag}.csv", per_step)
-    png_path = viz.plot_bound_terms(
-        (per_step.index + 1).numpy(),
-        per_step.mean.numpy(),
-        out / f"{tag}.png",
-        se=per_step.se.numpy(),
-        title=f"{config.data.name}, step {run.checkpoint.step}: {bound.total_bpd.mean():.3f} bits/dim",
-    )
-    summary = {
-        **_bound_estimates(bound, eval_steps),
-        "protocol": _nll_protocol(run_dir, run, x, bound, req),
-        "elapsed_s": round(elapsed, 2),
-        "terms_csv": str(csv_path),
-        "plot": str(png_path),
-    }
-    json_path = _write_json(out / f"{tag}.json", summary)
+    written: list[Path] = []  # the set appears whole or not at all (a full disk midway)
+    try:
+        csv_path = _write_per_step_csv(out / f"{tag}.csv", per_step)
+        written.append(csv_path)
+        png_path = viz.plot_bound_terms(
+            (per_step.index + 1).numpy(),
+            per_step.mean.numpy(),
+            out / f"{tag}.png",
+            se=per_step.se.numpy(),
+            title=f"{config.data.name}, step {run.checkpoint.step}: "
+            f"{bound.total_bpd.mean():.3f} bits/dim",
+        )
+        written.append(png_path)
+        summary = {
+            **_bound_estimates(bound, eval_steps),
+            "protocol": _nll_protocol(run_dir, run, x, bound, req),
+            "elapsed_s": round(elapsed, 2),
+            "terms_csv": str(csv_path),
+            "plot": str(png_path),
+        }
+        json_path = _write_json(out / f"{tag}.json", summary)
+    except BaseException:
+        for path in written:
+            Path(path).unlink(missing_ok=True)
+        raise
     return NllReport(json_path, csv_path, png_path, summary)
 
 
