@@ -306,10 +306,8 @@ def load_checkpoint(path: str | os.PathLike, groups: tuple[str, ...] | None = No
         for info in meta["files"].values()
     ):
         raise CheckpointError(f"{meta_path}: corrupt metadata (version, step or files)")
-    if meta.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {meta['version']} is newer than this ddpm reads"
-        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version} is newer than this ddpm reads")
     tensors = {}
     for name, info in meta["files"].items():
         group = name.removesuffix(".safetensors")
@@ -332,7 +330,7 @@ def load_checkpoint(path: str | os.PathLike, groups: tuple[str, ...] | None = No
             raise CheckpointError(f"{path / name}: not a valid safetensors file ({err})") from None
     if groups is not None and (missing := set(groups) - set(tensors)):
         raise CheckpointError(f"{path}: no tensor group(s) {', '.join(sorted(missing))}")
-    return Checkpoint(path, int(meta.get("step", -1)), tensors, meta)
+    return Checkpoint(path, step, tensors, meta)
 
 
 def latest_checkpoint(

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ddpm import metrics, viz
 from ddpm.checkpoint import atomic_write_bytes
-from ddpm.config import RunConfig, merge_config
+from ddpm.config import MAX_SEED, RunConfig, merge_config
 from ddpm.data import ArrayDataset, load_dataset
 from ddpm.devices import describe_device, parse_batch_threads, resolve_precision
 from ddpm.errors import ConfigError
@@ -87,7 +87,7 @@ def _eval_dir(run_dir: str | Path, out_dir: str | Path | None) -> Path:
 
 
 def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be a non-negative integer below 2^63, got {seed!r}")
 
 
@@ -594,8 +594,7 @@ def eval_run(
     class c; "all" draws the classes in equal shares against the whole reference split. Either way
     ``class_accuracy`` is the fraction of samples the shipped classifier assigns to their class.
     ``batch_threads``: see ``ddpm.runs.iter_samples``' ``threads``."""
-    grid = _check_eval_options(num, batch_size, ref_num, sampler, grid, features)
-    _check_seed(seed)
+    grid = _check_eval_options(num, batch_size, ref_num, sampler, grid, features, seed)
     batch_threads = parse_batch_threads(batch_threads)
     check_out_dir(out_dir)
     run = load_run(run_dir, use_ema=use_ema, device=device)
@@ -649,8 +648,11 @@ class _EvalRequest(NamedTuple):
     labels: Tensor | None  # the class of each sample [num]; None: unconditional
 
 
-def _check_eval_options(num, batch_size, ref_num, sampler: str, grid: str | None, features: str):
+def _check_eval_options(
+    num, batch_size, ref_num, sampler: str, grid: str | None, features: str, seed: int
+):
     """Fail on a bad option before the run is loaded; returns ``grid`` (None: the sampler's)."""
+    _check_seed(seed)
     _check_positive("num", num)
     _check_positive("batch size", batch_size)
     _check_positive("ref_num", ref_num)

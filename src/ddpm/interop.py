@@ -912,9 +912,8 @@ def import_diffusers(
     weights = net.state_dict()
     with _complete_or_absent(run_dir):
         checkpoint = save_checkpoint(run_dir, 0, {"model": weights, "ema": weights}, meta)
-        save_run_config(
-            config, run_dir / CONFIG_FILE
-        )  # last: a run directory is complete or absent
+        # last: a run directory is complete or absent
+        save_run_config(config, run_dir / CONFIG_FILE)
     return ImportReport(run_dir, checkpoint, num_parameters, preset, config, tuple(notes))
 
 
