@@ -53,7 +53,7 @@ def time_case(preset, channels, size, batch, precision, reps, warmup) -> dict:
         for p in net.parameters():  # conv_out starts at zero: give the outputs something to compare
             p.add_(0.01 * torch.randn_like(p))
     cpu = torch.device("cpu")
-    threads = BatchThreads(resolve_batch_threads("auto", cpu, precision))
+    threads = BatchThreads(resolve_batch_threads("auto", cpu))
     layouts = {
         "nchw": split_batch(at_precision(net, cpu, precision), threads),
         "channels_last": split_batch(

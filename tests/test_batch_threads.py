@@ -112,11 +112,11 @@ def test_training_in_shares_is_reproducible_and_matches_the_whole_batch(tmp_path
         torch.testing.assert_close(v, weights["whole"][k], rtol=0, atol=1e-5)
 
 
-def test_auto_uses_batch_threads_for_bf16_on_a_cpu_only():
-    assert resolve_batch_threads("auto", CPU, "bf16") == min(2, torch.get_num_threads())
-    assert resolve_batch_threads("auto", CPU, "fp32") == 1
-    assert resolve_batch_threads("auto", torch.device("cuda"), "bf16") == 1
-    assert resolve_batch_threads(3, CPU, "fp32") == 3
+def test_auto_uses_batch_threads_for_image_networks_on_a_cpu_only():
+    assert resolve_batch_threads("auto", CPU) == min(2, torch.get_num_threads())
+    assert resolve_batch_threads("auto", CPU, images=False) == 1  # the points MLP
+    assert resolve_batch_threads("auto", torch.device("cuda")) == 1
+    assert resolve_batch_threads(3, CPU, images=False) == 3
 
 
 def test_auto_trains_a_network_with_dropout_on_the_whole_batch(tmp_path):
@@ -151,4 +151,4 @@ def test_a_bad_batch_threads_value_is_one_line_and_exit_2(value, tmp_path, capsy
 
 def test_batch_threads_of_a_python_caller_are_checked_too():
     with pytest.raises(ConfigError, match="batch-threads"):
-        resolve_batch_threads(0, resolve_device("cpu"), "bf16")
+        resolve_batch_threads(0, resolve_device("cpu"))

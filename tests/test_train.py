@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import math
@@ -11,13 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+import ddpm.train
+from ddpm import devices
 from ddpm.checkpoint import latest_checkpoint, list_checkpoints
 from ddpm.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
+from ddpm.devices import intra_op_threads, update_threads
 from ddpm.errors import ConfigError, RunDirError
 from ddpm.losses import training_loss
 from ddpm.runs import describe_run, sample_run
 from ddpm.schedules import NoiseSchedule
 from ddpm.train import DataOrder, ema_decay_at, ema_update, lr_at, prepare_run, train
+from ddpm.train_state import adamw
 
 
 def _log_rows(run):
@@ -52,6 +57,78 @@ def test_ema_update_is_a_convex_combination_and_copies_buffers():
     # 0.75 ema + 0.25 model
     assert torch.allclose(ema.weight, torch.tensor([2.5, 2.0, 1.5]))
     assert torch.equal(ema.running_mean, model.running_mean)
+
+
+def _linear_pair():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    return a, copy.deepcopy(a)
+
+
+def test_adamw_takes_the_per_tensor_adamw_step():
+    a, b = _linear_pair()
+    ours, plain = (
+        adamw(a, 1e-2, 0.01),
+        torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.01),
+    )
+    if torch.__version__ >= "2.4":  # fused AdamW on a CPU exists from torch 2.4
+        assert ours.defaults["fused"] is True
+    for _ in range(5):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        plain.step()
+    for p, q, start in zip(
+        a.parameters(), b.parameters(), _linear_pair()[0].parameters(), strict=True
+    ):
+        assert not torch.allclose(p, start)  # five steps of 1e-2 moved every parameter
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_falls_back_to_the_per_tensor_one_where_fused_is_missing(monkeypatch):
+    class NoFused(torch.optim.AdamW):
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point ...")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFused)
+    optimizer = adamw(_linear_pair()[0], 1e-3, 0.0)
+    assert isinstance(optimizer, NoFused) and not optimizer.defaults["fused"]
+
+
+def test_a_small_network_is_updated_on_one_thread_of_a_cpu_only(monkeypatch):
+    model = _linear_pair()[0]
+    with intra_op_threads(2):
+        assert update_threads(model, torch.device("cpu")) == 1
+        assert update_threads(model, torch.device("cuda")) == 2  # only the type is read
+        monkeypatch.setattr(devices, "ONE_THREAD_UPDATE_MAX_PARAMS", 100)  # model: 212 parameters
+        assert update_threads(model, torch.device("cpu")) == 2
+
+
+def test_intra_op_threads_gives_the_callers_count_back_even_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(KeyError), intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+        raise KeyError
+    assert torch.get_num_threads() == before
+
+
+def test_training_updates_the_parameters_on_one_thread_and_keeps_two_for_the_rest(
+    monkeypatch, tmp_path, make_config
+):
+    seen = []
+
+    def recording_ema_update(ema, model, decay):
+        seen.append(torch.get_num_threads())
+        ema_update(ema, model, decay)
+
+    monkeypatch.setattr(ddpm.train, "ema_update", recording_ema_update)
+    with intra_op_threads(2):
+        train(make_config(steps=3), tmp_path / "run", progress=False, verbose=False)
+        assert torch.get_num_threads() == 2
+    assert seen == [1, 1, 1]
 
 
 def test_data_order_visits_every_example_once_per_epoch():

@@ -366,8 +366,8 @@ def _threads_option(p: argparse.ArgumentParser) -> None:
         "--batch-threads",
         default="auto",
         metavar="N",
-        help="on a CPU, split each batch in N shares computed on their own threads (auto: every "
-        "core when the network runs in bf16, where it measured faster; 1: PyTorch's own threading)",
+        help="on a CPU, split each batch in N shares computed on their own threads (auto: two for "
+        "an image network, where it measured faster; 1: PyTorch's own threading)",
     )
 
 

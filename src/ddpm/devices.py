@@ -168,6 +168,40 @@ def describe_device(device: torch.device) -> str:
 # batch threads: data parallelism across a CPU's cores inside one process
 # --------------------------------------------------------------------------------------------------
 
+# Up to this many parameters a CPU updates them (clipping, AdamW, EMA) on one intra-op thread.
+ONE_THREAD_UPDATE_MAX_PARAMS = 16_000_000
+
+
+def update_threads(model: torch.nn.Module, device: torch.device) -> int:
+    """Intra-op threads for the parameter update of ``model`` (``intra_op_threads``): on a CPU, one
+    while it has at most ONE_THREAD_UPDATE_MAX_PARAMS parameters, else the caller's.
+
+    Why: the update is a few elementwise passes per parameter tensor, a few microseconds of work each;
+    split across threads every one of them pays a wake-up (OMP_WAIT_POLICY=PASSIVE, which ddpm sets
+    because spinning threads stall a loaded machine). Measured on 2 cores (AMX Xeon, torch 2.13;
+    clip, fused AdamW and EMA): the 2.5M-parameter ``small`` U-Net 24.5 ms on two threads, 7.5 ms on
+    one; the 35.7M ``cifar10`` U-Net 94 and 100 ms, where more threads start to pay for the memory
+    traffic."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    n = sum(p.numel() for p in model.parameters())
+    return 1 if n <= ONE_THREAD_UPDATE_MAX_PARAMS else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """``torch.set_num_threads(n)`` inside the block; the caller's count is restored after."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # Fewer rows than this per thread are not worth a thread (the last, partial batch of a sampling run).
 MIN_ROWS_PER_THREAD = 4
 
@@ -180,9 +214,10 @@ class BatchThreads:
     Why: PyTorch parallelises each operation across the cores (intra-op); the networks ddpm trains on
     a CPU are small, most of their operations too small for that to pay (a barrier per operation,
     uneven shares), and in bf16 the second of two cores bought only 1.3-1.4x. One share of the batch
-    per core instead measured 1.1-1.2x on a bf16 training step and on a network evaluation (2 cores
-    with AMX; ``benchmarks/train_speed.py``); in fp32 it measured no gain, so "auto" uses it for bf16
-    only (``resolve_batch_threads``). The caller's grad mode, inference mode and CPU autocast, which
+    per core instead measured 1.4-1.5x on a bf16 training step and 1.1-1.4x on a network evaluation
+    of the ``small`` U-Net (2 cores with AMX; ``benchmarks/train_speed.py``), 1.4x and 1.3x in fp32
+    (``tiny``: 1.2x / 1.1x fp32, 1.4x / 1.3x bf16; ``cifar10``: 1.14x / 1.0x fp32, 1.0x bf16), so "auto"
+    uses it for every image network on a CPU (``resolve_batch_threads``). The caller's grad mode, inference mode and CPU autocast, which
     PyTorch keeps per thread, apply in the workers too. Results equal the whole batch's up to float
     rounding. With two workers they are also reproducible: a backward pass accumulates one gradient
     per share, and a sum of two is the same whichever thread finishes first (with more, the order of
@@ -264,17 +299,17 @@ def parse_batch_threads(setting: int | str) -> int | str:
     return workers
 
 
-def resolve_batch_threads(setting: int | str, device: torch.device, precision: str) -> int:
+def resolve_batch_threads(setting: int | str, device: torch.device, *, images: bool = True) -> int:
     """The number of batch threads (``BatchThreads``) of a --batch-threads value: a positive integer
-    as given on a CPU; "auto" 2 when the network runs in bf16 on a CPU with two or more intra-op
-    threads (``torch.get_num_threads()``; on more cores each share gets half of them: measured on
-    2 cores only, and two shares keep runs reproducible), else 1. Always 1 on a GPU, whose kernels
-    are not split this way."""
+    as given on a CPU; "auto" 2 for an image network on a CPU with two or more intra-op threads
+    (``torch.get_num_threads()``; on more cores each share gets half of them: measured on 2 cores
+    only, and two shares keep runs reproducible), else 1: the points MLP's operations are too small
+    for a thread. Always 1 on a GPU, whose kernels are not split this way."""
     setting = parse_batch_threads(setting)
     if device.type != "cpu":
         return 1
     if setting == "auto":
-        return min(2, torch.get_num_threads()) if precision == "bf16" else 1
+        return min(2, torch.get_num_threads()) if images else 1
     return setting
 
 

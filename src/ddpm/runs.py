@@ -291,7 +291,7 @@ def iter_samples(
     the sampler: the guided model is what the sampler calls (``ddpm.guidance``).
 
     ``threads``: on a CPU each network evaluation is computed in row shares on that many threads
-    (``devices.BatchThreads``; "auto": two when the network runs in bf16); samples equal the
+    (``devices.BatchThreads``; "auto": two for an image network); samples equal the
     whole batch's up to float rounding."""
     if class_labels is None:
         class_labels = class_labels_for(model, num, config.sample.class_label)
@@ -308,7 +308,7 @@ def iter_samples(
     precision = resolve_precision(config.sample.precision, device, images=is_image)
     own = not isinstance(threads, BatchThreads)
     if own:
-        threads = BatchThreads(resolve_batch_threads(threads, device, precision))
+        threads = BatchThreads(resolve_batch_threads(threads, device, images=is_image))
     network = split_batch(
         at_precision(sampling_network(model, device, precision), device, precision), threads
     )

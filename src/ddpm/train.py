@@ -41,10 +41,12 @@ from ddpm.devices import (
     autocast,
     describe_device,
     grad_scaler,
+    intra_op_threads,
     parse_batch_threads,
     resolve_batch_threads,
     resolve_device,
     resolve_precision,
+    update_threads,
 )
 from ddpm.errors import ConfigError, DivergedError
 from ddpm.nets import count_parameters
@@ -69,7 +71,7 @@ from ddpm.runs import (
     save_run_config,
     save_samples,
 )
-from ddpm.train_state import DataOrder, TrainState, ema_decay_at, ema_update, lr_at
+from ddpm.train_state import DataOrder, TrainState, adamw, ema_decay_at, ema_update, lr_at
 from ddpm.trainlog import (
     Interrupted,
     StopOnInterrupt,
@@ -135,6 +137,7 @@ class _Job(NamedTuple):
     threads: (
         BatchThreads  # the batch's shares on a CPU's cores (one: the whole batch on the caller)
     )
+    update_threads: int  # intra-op threads of clipping, the optimizer step and the EMA update
 
 
 def train(
@@ -166,7 +169,7 @@ def train(
 
     ``batch_threads`` (``devices.BatchThreads``): on a CPU, each step's batch is split in that many
     shares, each computed (forward and backward) on its own thread with its part of the intra-op
-    threads; "auto" makes two shares when the network runs in bf16, none under torchrun, with --compile or
+    threads; "auto" makes two shares for an image network, none under torchrun, with --compile or
     for a network with dropout (whose masks would depend on which thread draws first)."""
     device, batch_threads = resolve_device(device), parse_batch_threads(batch_threads)
     d = distributed.setup(device.type)
@@ -207,7 +210,9 @@ def _train(job: _Job, *, progress: bool, verbose: bool) -> TrainResult:
                 loss, flags = distributed.mean_and_flags(d, loss, stop.flags())
                 if d.enabled:
                     pending, signum = stop_reason(flags)
-                if _update(job, loss, grad_norm, last_saved):
+                with intra_op_threads(job.update_threads):
+                    updated = _update(job, loss, grad_norm, last_saved)
+                if updated:
                     log.add(loss, grad_norm, time.monotonic() - started)
                 step = state.step
                 if step % tc.log_every == 0:
@@ -272,7 +277,8 @@ def _gradient(job: _Job, lr: float) -> tuple[float, float]:
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
     max_norm = job.config.train.grad_clip if job.config.train.grad_clip is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm))
+    with intra_op_threads(job.update_threads):
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm))
     return float(loss), grad_norm
 
 
@@ -402,7 +408,7 @@ def _setup(
     state = TrainState(
         model,
         copy.deepcopy(model).eval().requires_grad_(False),
-        torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay),
+        adamw(model, tc.lr, tc.weight_decay),
         DataOrder(len(dataset), tc.seed),
         torch.Generator().manual_seed(tc.seed + 1),  # t and eps of Algorithm 1
         objective,
@@ -424,7 +430,7 @@ def _setup(
     net = distributed.wrap(model, d)  # after the restore: every rank starts from one state
     if tc.compile:
         net = torch.compile(net)
-    workers = resolve_batch_threads(batch_threads, device, precision)
+    workers = resolve_batch_threads(batch_threads, device, images=dataset.kind == "image")
     if d.enabled or tc.compile or (batch_threads == "auto" and has_dropout(model)):
         workers = 1
     if d.is_main:
@@ -443,7 +449,8 @@ def _setup(
     shard = d.shard(tc.batch_size) if d.enabled else None
     return _Job(config, run_dir, data_x, data_y, data_meta(config, dataset), dataset.kind,
                 sample_shape, state, objective.to(device), net, device, precision, d, shard,
-                trained_on, resumed.path if resumed else None, BatchThreads(workers))  # fmt: skip
+                trained_on, resumed.path if resumed else None, BatchThreads(workers),
+                update_threads(model, device))  # fmt: skip
 
 
 def has_dropout(model: torch.nn.Module) -> bool:
