@@ -256,6 +256,9 @@ ROWS: dict[str, Row] = {
     ),
     "unknown model": Row(train_with("--model", "gigantic"), 2, "unknown model 'gigantic'"),
     "unknown prediction": Row(train_with("--prediction", "z"), 2, "unknown prediction 'z'"),
+    "learned variance with L_simple": Row(
+        train_with("--variance", "learned_range", "--loss", "simple"), 2, "leaves variance"
+    ),
     "zero steps": Row(train_with("--steps", "0"), 2, "steps must be a positive integer"),
     "negative steps": Row(train_with("--steps", "-5"), 2, "steps must be a positive integer"),
     "T = 0": Row(train_with("--timesteps", "0"), 2, "num_timesteps must be a positive integer"),
@@ -335,6 +338,11 @@ ROWS: dict[str, Row] = {
         "config file not found",
     ),
     "sample count 0": Row(copied_run(_nothing, "sample", "RUN", "--num", "0"), 2, "sample.num"),
+    "DDIM eta above 1": Row(
+        copied_run(_nothing, "sample", "RUN", "--sampler", "ddim", "--eta", "1.5"),
+        2,
+        "eta must lie",
+    ),
     "sample steps above T": Row(
         copied_run(_nothing, "sample", "RUN", "--steps", "5000"), 2, "steps must be at most T=100"
     ),

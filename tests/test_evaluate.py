@@ -137,6 +137,15 @@ def test_eval_same_seed_same_numbers(trained_run, tmp_path, capsys):
     assert ra["classifier"]["fid"] == rb["classifier"]["fid"]
 
 
+def test_eval_says_when_the_reference_is_smaller_than_ref_num(trained_run, tmp_path, capsys):
+    args = ["eval", str(trained_run), "--num", "16", "--steps", "4", "--ref-num", "5000", "-q"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "--ref-num 5000 is more than the 300 images" in err and "using all 300" in err
+    (path,) = tmp_path.glob("*.json")
+    assert json.loads(path.read_text())["classifier"]["protocol"]["reference_size"] == 300
+
+
 @pytest.mark.parametrize(
     "args",
     [["--sampler", "euler"], ["--features", "clip"], ["--grid", "cubic"], ["--steps", "5000"]],

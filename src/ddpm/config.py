@@ -306,6 +306,10 @@ class SampleConfig:
         if self.grid is not None:
             _one_of("grid", self.grid, GRIDS)
         _positive_float("eta", self.eta, allow_zero=True)
+        if self.eta > 1:  # sigma beyond the ancestral step's: more noise than the step removes
+            raise ConfigError(
+                f"eta must lie in [0, 1] (0: DDIM, 1: ancestral-like), got {self.eta!r}"
+            )
         if self.order not in (1, 2, 3):
             raise ConfigError(f"order must be 1, 2 or 3, got {self.order!r}")
         _positive_int("sample.seed", self.seed, allow_zero=True, high=MAX_SEED)

@@ -304,7 +304,8 @@ def resolve_batch_threads(setting: int | str, device: torch.device, *, images: b
     as given on a CPU; "auto" 2 for an image network on a CPU with two or more intra-op threads
     (``torch.get_num_threads()``; on more cores each share gets half of them: measured on 2 cores
     only, and two shares keep runs reproducible), else 1: the points MLP's operations are too small
-    for a thread. Always 1 on a GPU, whose kernels are not split this way."""
+    for a thread (``ddpm train --data moons``: 15-16k images/s in two shares, 20k on the whole
+    batch). Always 1 on a GPU, whose kernels are not split this way."""
     setting = parse_batch_threads(setting)
     if device.type != "cpu":
         return 1

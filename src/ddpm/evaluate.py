@@ -766,6 +766,12 @@ def _feature_metrics(
     the classifier, the same metrics of ``num`` real training images."""
     num, seed, label, ref_split = req.num, req.seed, req.label, req.ref_split
     n_ref = min(len(reference), req.ref_num or (len(reference) if ex.name == "classifier" else num))
+    if req.ref_num is not None and req.ref_num > n_ref:
+        warnings.warn(
+            f"--ref-num {req.ref_num} is more than the {len(reference)} images of the reference "
+            f"({ref_split}); using all {n_ref}",
+            stacklevel=2,
+        )
     ref_feats = reference_features(
         ex,
         reference,

@@ -372,6 +372,14 @@ def _resolve(config: RunConfig, run_dir: Path, d: distributed.Dist):
             f"[sample] class_label = {config.sample.class_label} needs a class-conditional run "
             "(--cond class)"
         )
+    dfc = config.diffusion
+    if dfc.learn_sigma and dfc.objective == "simple":
+        # L_simple has no term in the variance output: it would stay at its initialisation. Refused
+        # here, not in DiffusionConfig, so that runs saved that way still load and sample.
+        raise ConfigError(
+            f"loss 'simple' leaves variance '{dfc.variance}' untrained: use loss 'hybrid' (or "
+            "'vlb'), or a fixed variance"
+        )
     if config.train.batch_size % d.world_size:
         raise ConfigError(
             f"batch_size {config.train.batch_size} (the global batch) is not divisible by the "
