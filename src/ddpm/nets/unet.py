@@ -227,8 +227,8 @@ class UNet(nn.Module):
         On a CPU under bf16 autocast oneDNN's convolutions take NHWC as it is, where NCHW costs a
         layout conversion of every input and output; the small GroupNorm maps go through NCHW
         (``layers.GroupNorm``). One network evaluation in bf16 as ddpm samples (benchmarks/eval_layout.py,
-        results/eval_layout.json): `small` 1.16-1.17x faster at 32x32, 1.05x at 28x28, `cifar10`
-        1.25x, `tiny` 1.05x; in fp32 0.98-1.07x, so ddpm uses it for bf16 only
+        results/eval_layout.json, 2026-12-02): `small` 1.18x faster at 32x32, 1.10x at 28x28,
+        `cifar10` 1.33x, `tiny` 1.07x; in fp32 0.95-1.10x, so ddpm uses it for bf16 only
         (``runs.sampling_network``). Outputs equal the original's up to float rounding."""
         # Channels_last weights make every convolution's output NHWC, the first one's too (even from
         # a one-channel input, whose NCHW and NHWC strides coincide); the output goes back to NCHW.
