@@ -415,6 +415,45 @@ ROWS: dict[str, Row] = {
         5,
         "weights do not fit the network: size mismatch",
     ),
+    "checkpoint with a corrupt data order": Row(
+        copied_run(
+            _edited_meta(lambda m: m.update(data_order=5)),
+            "train",
+            "--run-dir",
+            "RUN",
+            "--steps",
+            "31",
+            "-q",
+        ),  # fmt: skip
+        4,
+        "cannot restore the training state",
+    ),
+    "checkpoint with a NaN training time": Row(
+        copied_run(
+            _edited_meta(lambda m: m.update(elapsed_s=float("nan"))),
+            "train",
+            "--run-dir",
+            "RUN",
+            "--steps",
+            "31",
+            "-q",
+        ),  # fmt: skip
+        4,
+        "cannot restore the training state (elapsed_s nan",
+    ),
+    "checkpoint with no skip counts": Row(
+        copied_run(
+            _edited_meta(lambda m: m.update(nonfinite=None)),
+            "train",
+            "--run-dir",
+            "RUN",
+            "--steps",
+            "31",
+            "-q",
+        ),  # fmt: skip
+        4,
+        "cannot restore the training state",
+    ),
     "sample --out names a file": Row(
         with_file("f", lambda tmp, run: ["sample", str(run), "--out", "FILE", *SHORT]),
         2,

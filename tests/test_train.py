@@ -286,6 +286,14 @@ def test_describe_run_reports_step_and_checkpoints(trained_run):
     assert "step_0000030" in text
 
 
+def test_describe_run_shows_a_checkpoint_whose_training_time_is_unreadable(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    meta = run / "checkpoints" / "step_0000030" / "meta.json"
+    meta.write_text(meta.read_text().replace('"elapsed_s":', '"elapsed_s": "soon", "was":'))
+    assert "step:       30 (unreadable time 'soon' of training)" in describe_run(run)
+
+
 def test_resume_with_importance_sampled_timesteps_is_exact(tmp_path, make_config):
     # The sampler's loss history is training state: without it in the checkpoint, the resumed run
     # would draw other timesteps once every t has its 10 losses (after ~16 steps of 64 at T = 100).

@@ -886,9 +886,12 @@ def describe_run(run_dir: str | Path) -> str:
     )
     lines.append(f"sampling:   {_sampling_summary(config.sample, df.num_timesteps)}")
     if meta is not None:
-        lines.append(
-            f"step:       {meta['step']} ({meta.get('elapsed_s', 0.0) / 60:.1f} min of training)"
-        )
+        elapsed = meta.get("elapsed_s", 0.0)
+        ok = isinstance(elapsed, int | float) and math.isfinite(elapsed) and elapsed >= 0
+        minutes = (
+            f"{elapsed / 60:.1f} min" if ok else f"unreadable time {elapsed!r}"
+        )  # info still shows
+        lines.append(f"step:       {meta['step']} ({minutes} of training)")
         if meta.get("trained_on"):
             lines.append(f"trained on: {'; then '.join(meta['trained_on'])}")
     else:

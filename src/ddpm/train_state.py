@@ -14,6 +14,7 @@ the CUDA generator (dropout on a GPU) is saved too and restored when the run res
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -101,11 +102,25 @@ class DataOrder:
             )
         self.perm = tensors["data.perm"].clone()
         self.generator.set_state(tensors["data.generator"].clone())
-        self.pos = int(info["pos"])
+        pos = int(info["pos"])
+        if not 0 <= pos <= self.num_examples:
+            raise ValueError(f"data order position {pos} outside [0, {self.num_examples}]")
+        self.pos = pos
 
 
 def _cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def _counters(meta: dict[str, Any]) -> tuple[float, int, int]:
+    """(training seconds so far, non-finite updates skipped, of them in a row) of a checkpoint's
+    meta; ValueError for values no run writes."""
+    nonfinite = meta.get("nonfinite", {})
+    elapsed = float(meta.get("elapsed_s", 0.0))
+    skipped, streak = int(nonfinite.get("skipped", 0)), int(nonfinite.get("streak", 0))
+    if not (math.isfinite(elapsed) and elapsed >= 0 and 0 <= streak <= skipped):
+        raise ValueError(f"elapsed_s {elapsed}, nonfinite {nonfinite}")
+    return elapsed, skipped, streak
 
 
 class TrainState:
@@ -194,12 +209,9 @@ class TrainState:
                 self.objective.load_state_dict(importance)
             if self.scaler is not None and "grad_scaler" in ckpt.meta:
                 self.scaler.load_state_dict(ckpt.meta["grad_scaler"])
-        except (KeyError, ValueError, RuntimeError) as err:
+            self.elapsed_s, self.skipped, self.streak = _counters(ckpt.meta)
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
             if isinstance(err, ConfigError):
                 raise
             raise RunDirError(f"{ckpt.path}: cannot restore the training state ({err})") from None
-        nonfinite = ckpt.meta.get("nonfinite", {})
         self.step = ckpt.step
-        self.elapsed_s = float(ckpt.meta.get("elapsed_s", 0.0))
-        self.skipped = int(nonfinite.get("skipped", 0))
-        self.streak = int(nonfinite.get("streak", 0))
