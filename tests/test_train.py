@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ddpm.train
-from ddpm import devices
+from ddpm import devices, distributed
 from ddpm.checkpoint import latest_checkpoint, list_checkpoints
 from ddpm.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from ddpm.devices import intra_op_threads, update_threads
@@ -21,7 +21,16 @@ from ddpm.errors import ConfigError, RunDirError
 from ddpm.losses import training_loss
 from ddpm.runs import describe_run, sample_run
 from ddpm.schedules import NoiseSchedule
-from ddpm.train import DataOrder, ema_decay_at, ema_update, lr_at, prepare_run, train
+from ddpm.train import (
+    DataOrder,
+    _resolve,
+    _setup,
+    ema_decay_at,
+    ema_update,
+    lr_at,
+    prepare_run,
+    train,
+)
 from ddpm.train_state import adamw
 
 
@@ -86,16 +95,31 @@ def test_adamw_takes_the_per_tensor_adamw_step():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_adamw_falls_back_to_the_per_tensor_one_where_fused_is_missing(monkeypatch):
-    class NoFused(torch.optim.AdamW):
-        def __init__(self, params, fused=None, **kwargs):
-            if fused:
-                raise RuntimeError("`fused=True` requires all the params to be floating point ...")
-            super().__init__(params, **kwargs)
+class NoFused(torch.optim.AdamW):
+    """AdamW as a PyTorch without a fused kernel for the device has it."""
 
+    def __init__(self, params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point ...")
+        super().__init__(params, **kwargs)
+
+
+def test_adamw_falls_back_to_the_per_tensor_one_where_fused_is_missing(monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", NoFused)
     optimizer = adamw(_linear_pair()[0], 1e-3, 0.0)
     assert isinstance(optimizer, NoFused) and not optimizer.defaults["fused"]
+
+
+def test_a_run_saved_with_fused_adamw_resumes_where_there_is_none(
+    monkeypatch, tmp_path, make_config
+):
+    config, run = make_config(steps=2), tmp_path / "run"
+    train(config, run, progress=False, verbose=False)
+    assert latest_checkpoint(run).meta["optimizer"]["param_groups"][0]["fused"] is True
+    monkeypatch.setattr(torch.optim, "AdamW", NoFused)
+    config, dataset = _resolve(make_config(steps=3), run, distributed.Dist())
+    job = _setup(config, dataset, run, torch.device("cpu"), distributed.Dist(), False, 1)
+    assert [g["fused"] for g in job.state.optimizer.param_groups] == [None]
 
 
 def test_a_small_network_is_updated_on_one_thread_of_a_cpu_only(monkeypatch):

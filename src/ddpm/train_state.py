@@ -193,6 +193,9 @@ class TrainState:
         optim = {k.removeprefix("optim."): v for k, v in state.items() if k.startswith("optim.")}
         try:
             self.optimizer.load_state_dict(optimizer_state_from_flat(optim, ckpt.meta["optimizer"]))
+            if not self.optimizer.defaults.get("fused"):  # fused there, not available here
+                for group in self.optimizer.param_groups:
+                    group["fused"] = None
             self.order.restore(state, ckpt.meta["data_order"])
             torch.set_rng_state(state["rng.torch"])
             self.noise_generator.set_state(state["rng.noise"])
