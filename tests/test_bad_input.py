@@ -133,9 +133,10 @@ def train_with(*args: str) -> Callable:
     return lambda tmp, _run: ["train", *args, "--run-dir", str(tmp / "r")]
 
 
-def train_with_toml(text: str) -> Callable:
+def train_with_toml(text: str | bytes) -> Callable:
     def build(tmp: Path, _run: Path) -> list[str]:
-        (tmp / "c.toml").write_text(text)
+        path = tmp / "c.toml"
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
         return ["train", "--config", str(tmp / "c.toml"), "--run-dir", str(tmp / "r")]
 
     return build
@@ -280,6 +281,19 @@ ROWS: dict[str, Row] = {
     ),
     "a class for the pictures of an unconditional run": Row(
         train_with_toml("[sample]\nclass_label = 3\n"), 2, "needs a class-conditional run"
+    ),
+    "forward picture where no file can be": Row(
+        lambda tmp, _r: ["forward", "--out", "/proc/ddpm-test.png"],
+        1,
+        "No such file or directory: /proc/ddpm-test.png",  # the picture, not a temporary file
+    ),
+    "samples where no file can be": Row(
+        copied_run(_nothing, "sample", "RUN", "--out", "/proc/ddpm-test", *SHORT),
+        1,
+        "cannot write under /proc: not a writable file system",  # was "0 GB free"
+    ),
+    "TOML saved as UTF-16": Row(
+        train_with_toml("[train]\nsteps = 1\n".encode("utf-16")), 2, "is not UTF-8 text"
     ),
     "forward picture under a JPEG name": Row(
         lambda tmp, _r: ["forward", "--out", str(tmp / "f.jpg")], 2, "must end in .png"

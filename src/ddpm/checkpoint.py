@@ -89,9 +89,8 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def _naming(err: OSError, path: Path) -> OSError:
-    """The error, naming the file being written if it does not (a failed write(): disk full, ...)."""
-    if err.filename is not None:
-        return err
+    """The error, naming the file being written: not our hidden temporary file (``.name.tmp-PID``),
+    nor nothing (a failed write(): disk full, ...)."""
     return type(err)(err.errno, err.strerror, str(path))
 
 

@@ -465,6 +465,8 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except UnicodeDecodeError:  # TOML is UTF-8; an editor may have saved UTF-16 or Latin-1
+        raise ConfigError(f"{path}: invalid TOML: the file is not UTF-8 text") from None
 
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"

@@ -753,7 +753,13 @@ def check_disk_space(folder: Path, needed: int) -> None:
     probe = Path(folder)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    usage = shutil.disk_usage(probe)
+    # /proc, /sys (no blocks at all) or a read-only mount: "0 GB free" would mislead.
+    if usage.total == 0 or not os.access(probe, os.W_OK):
+        raise DDPMError(
+            f"cannot write under {probe}: not a writable file system; use --out elsewhere"
+        )
+    free = usage.free
     if 2 * needed > free:  # the arrays are staged in temporary files, then copied into the .npz
         raise DDPMError(
             f"{needed / 1e9:.3g} GB of samples (and as much again while writing) do not fit in the "

@@ -38,6 +38,8 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedIOBase], 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # name the picture asked for, not the hidden temporary file
+        raise type(err)(err.errno, err.strerror, str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
