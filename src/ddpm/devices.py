@@ -214,11 +214,11 @@ class BatchThreads:
     Why: PyTorch parallelises each operation across the cores (intra-op); the networks ddpm trains on
     a CPU are small, most of their operations too small for that to pay (a barrier per operation,
     uneven shares), and in bf16 the second of two cores bought only 1.3-1.4x. One share of the batch
-    per core instead measured 1.4-1.5x on a bf16 training step and 1.1-1.4x on a network evaluation
-    of the ``small`` U-Net (2 cores with AMX; ``benchmarks/train_speed.py``), 1.4x and 1.3x in fp32
-    (``tiny``: 1.2x / 1.1x fp32, 1.4x / 1.3x bf16; ``cifar10``: 1.14x / 1.0x fp32, 1.0x bf16), so "auto"
-    uses it for every image network on a CPU (``resolve_batch_threads``). The caller's grad mode, inference mode and CPU autocast, which
-    PyTorch keeps per thread, apply in the workers too. Results equal the whole batch's up to float
+    per core instead measured 1.4-1.6x on a bf16 training step and 1.1-1.5x on a network evaluation
+    of the ``small`` U-Net (2 cores with AMX; ``benchmarks/train_speed.py``), 1.3-1.4x and 1.3x in
+    fp32 (``tiny``: 1.2x / 1.1x fp32, 1.4x / 1.3x bf16; ``cifar10``: 1.14x / 1.0x fp32, 1.0x bf16),
+    so "auto" uses it for every image network on a CPU (``resolve_batch_threads``). The caller's grad
+    mode, inference mode and CPU autocast, which PyTorch keeps per thread, apply in the workers too. Results equal the whole batch's up to float
     rounding. With two workers they are also reproducible: a backward pass accumulates one gradient
     per share, and a sum of two is the same whichever thread finishes first (with more, the order of
     the sum can change from run to run).

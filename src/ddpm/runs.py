@@ -892,11 +892,9 @@ def describe_run(run_dir: str | Path) -> str:
     )
     lines.append(f"sampling:   {_sampling_summary(config.sample, df.num_timesteps)}")
     if meta is not None:
-        elapsed = meta.get("elapsed_s", 0.0)
+        elapsed = meta.get("elapsed_s", 0.0)  # a corrupt value is shown, not fatal: info diagnoses
         ok = isinstance(elapsed, int | float) and math.isfinite(elapsed) and elapsed >= 0
-        minutes = (
-            f"{elapsed / 60:.1f} min" if ok else f"unreadable time {elapsed!r}"
-        )  # info still shows
+        minutes = f"{elapsed / 60:.1f} min" if ok else f"unreadable time {elapsed!r}"
         lines.append(f"step:       {meta['step']} ({minutes} of training)")
         if meta.get("trained_on"):
             lines.append(f"trained on: {'; then '.join(meta['trained_on'])}")
