@@ -184,6 +184,7 @@ def test_console_script_info_and_error(trained_run, tmp_path):
             "_dpm_solver4",
         ),
         (["--steps", "3", "--dynamic-threshold", "0.99"], "_sde_dpm_solver3"),
+        (["--sampler", "ipndm", "--steps", "5", "--order", "4"], "_ipndm5"),
     ],
 )
 def test_sample_with_a_chosen_sampler_and_grid(trained_run, tmp_path, capsys, flags, tag):
@@ -198,6 +199,7 @@ def test_sample_with_a_chosen_sampler_and_grid(trained_run, tmp_path, capsys, fl
     [
         (["--sampler", "euler"], "unknown sampler 'euler'"),
         (["--order", "4", "--sampler", "dpm_solver"], "order must be 1, 2 or 3"),
+        (["--order", "5", "--sampler", "ipndm"], "(ipndm: also 4)"),
         (["--grid", "cubic", "--steps", "3"], "unknown grid 'cubic'"),
     ],
 )

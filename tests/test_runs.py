@@ -275,7 +275,10 @@ def test_ddpm_sample_and_eval_take_the_sampling_precision(trained_run, tmp_path,
 
 @pytest.mark.parametrize(
     ("sampler", "option", "takers"),
-    [("unipc", {"eta": 0.5}, "ddim sampler;"), ("ancestral", {"order": 3}, "unipc samplers;")],
+    [
+        ("unipc", {"eta": 0.5}, "ddim sampler;"),
+        ("ancestral", {"order": 3}, "unipc, ipndm samplers;"),
+    ],
 )
 def test_an_option_the_chosen_sampler_does_not_take_is_refused(
     trained_run, tmp_path, sampler, option, takers
@@ -286,6 +289,15 @@ def test_an_option_the_chosen_sampler_does_not_take_is_refused(
         with pytest.raises(ConfigError, match=f"{next(iter(option))} is an option of .*{takers}"):
             draw(trained_run, num=4, steps=2, sampler=sampler, out_dir=tmp_path, **option)
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_an_order_left_unset_is_the_samplers_own_default():
+    from ddpm.config import SampleConfig
+
+    assert SampleConfig(sampler="ipndm").sampler_options() == {"order": 3}
+    assert SampleConfig(sampler="dpm_solver").sampler_options() == {"order": 2}
+    assert SampleConfig(sampler="ipndm", order=4).sampler_options() == {"order": 4}
+    assert SampleConfig(sampler="ddim").sampler_options() == {"eta": 0.0}
 
 
 def test_info_says_how_the_run_samples_by_default(trained_run, tmp_path):

@@ -378,7 +378,7 @@ def _sampler_arguments(p: argparse.ArgumentParser) -> None:
         "--order",
         type=int,
         metavar="K",
-        help="DPM-Solver++ (ODE and SDE) / UniPC order: 1, 2 (default), 3",
+        help="DPM-Solver++ (ODE and SDE) / UniPC order: 1, 2 (default), 3; iPNDM: 1-4 (default 3)",
     )
     p.add_argument(
         "--no-clip", action="store_true", help="do not clamp the x_0 prediction to [-1, 1]"
@@ -646,7 +646,7 @@ def _add_sample(sub) -> None:
         "--sampler",
         metavar="NAME",
         help="sde_dpm_solver (default: SDE-DPM-Solver++ 2M), ancestral, ddim, dpm_solver "
-        "(DPM-Solver++), unipc, heun (EDM)",
+        "(DPM-Solver++), unipc, heun (EDM), ipndm",
     )
     p.add_argument(
         "--grid",
@@ -722,7 +722,7 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--sampler",
         default="sde_dpm_solver",
-        help="sde_dpm_solver (default), ancestral, ddim, dpm_solver, unipc, heun",
+        help="sde_dpm_solver (default), ancestral, ddim, dpm_solver, unipc, heun, ipndm",
     )
     p.add_argument("--steps", default="50", metavar="K|all", help="sampling steps (50)")
     p.add_argument(

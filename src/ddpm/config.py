@@ -285,7 +285,9 @@ class SampleConfig:
     sampler: str = "sde_dpm_solver"
     grid: str | None = None
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
-    order: int = 2  # DPM-Solver++ (ODE and SDE) and UniPC: 1, 2 or 3
+    # DPM-Solver++ (ODE and SDE) and UniPC: 1, 2 or 3; iPNDM 1-4. None: the sampler's own default
+    # (its signature's: 2, iPNDM 3).
+    order: int | None = None
     seed: int = 0
     use_ema: bool = True
     clip_x0: bool = True  # images: clamp the x_0 prediction to [-1, 1]
@@ -310,8 +312,10 @@ class SampleConfig:
             raise ConfigError(
                 f"eta must lie in [0, 1] (0: DDIM, 1: ancestral-like), got {self.eta!r}"
             )
-        if self.order not in (1, 2, 3):
-            raise ConfigError(f"order must be 1, 2 or 3, got {self.order!r}")
+        if self.order is not None and self.order not in (
+            (1, 2, 3, 4) if self.sampler == "ipndm" else (1, 2, 3)
+        ):
+            raise ConfigError(f"order must be 1, 2 or 3 (ipndm: also 4), got {self.order!r}")
         _positive_int("sample.seed", self.seed, allow_zero=True, high=MAX_SEED)
         if self.dynamic_threshold is not None and not (
             isinstance(self.dynamic_threshold, float | int) and 0 < self.dynamic_threshold <= 1
@@ -327,11 +331,13 @@ class SampleConfig:
         _one_of("sample.precision", self.precision, PRECISIONS)
 
     def sampler_options(self) -> dict[str, Any]:
-        """The options of this section that the chosen sampler takes (``sampler_takes``)."""
+        """The options of this section that the chosen sampler takes (``sampler_takes``); one left at
+        None is the sampler's own default."""
+        parameters = inspect.signature(SAMPLERS[self.sampler]).parameters
         return {
-            name: getattr(self, name)
+            name: parameters[name].default if getattr(self, name) is None else getattr(self, name)
             for name in SAMPLER_OPTIONS
-            if sampler_takes(self.sampler, name)
+            if name in parameters
         }
 
 

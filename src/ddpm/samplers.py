@@ -14,7 +14,7 @@ Every solver's update is also a public *step function* that never calls the mode
 ``step()``): it takes the schedule, the grid index ``i`` it steps from, x at that point and the x_0
 predictions the caller got from the model, and returns x at index i - 1 (at i = 0: the sample x_0).
 ``dpm_solver_step``, ``sde_dpm_solver_step`` (and the step's noise), ``unipc_step`` / ``unipc_correct``,
-``euler_step`` / ``heun_step``. Multistep solvers take ``x0_preds``, the predictions at the latest grid
+``euler_step`` / ``heun_step``, ``ipndm_step`` (which takes eps predictions). Multistep solvers take ``x0_preds``, the predictions at the latest grid
 points i, i + 1, ... *newest last*, and ``multistep_order`` gives the order the samplers use at i.
 
 Notation of the ODE solvers, translated into our names: their alpha_t is sqrt(alpha_bar) ("alpha" below),
@@ -688,6 +688,75 @@ def heun_sample(
     return _loop(schedule, x_T, record, progress, update)
 
 
+# Adams-Bashforth weights of iPNDM, newest prediction first (Zhang & Chen 2023, eq. 26).
+_IPNDM_WEIGHTS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def ipndm_step(schedule: NoiseSchedule, i: int, x: Tensor, eps_preds: Sequence[Tensor]) -> Tensor:
+    """One step of iPNDM (Zhang & Chen 2023, "improved PNDM" of the DEIS paper) from grid index i to
+    i - 1 (at i = 0: to sigma = 0, the sample). In EDM's variables y = x / alpha, sigma~ = sigma /
+    alpha the probability-flow ODE is dy/dsigma~ = eps(x); iPNDM is the explicit Adams-Bashforth
+    method on it with the fixed weights of equal steps, of order len(eps_preds) (1-4):
+
+      y_{i-1} = y_i + (sigma~_{i-1} - sigma~_i) sum_j w_j eps_{i+j},   x_{i-1} = alpha_{i-1} y_{i-1},
+
+    with w = (1), (3/2, -1/2), (23, -16, 5)/12, (55, -59, 37, -9)/24. ``eps_preds``: the model's eps
+    predictions at the latest grid points i, i + 1, ... *newest last* (as the other multistep
+    steps take x0_preds). Order 1 is DDIM. From a zero-SNR point (alpha = 0: sigma~ = inf) the step
+    is undefined; ``ipndm_sample`` takes ``euler_step`` there."""
+    k = len(eps_preds)
+    if k not in _IPNDM_WEIGHTS:
+        raise ValueError(f"an iPNDM step takes 1 to 4 eps predictions, got {k}")
+    a_i, s_i = schedule.sqrt_alpha_bar[i].item(), schedule.sqrt_one_minus_alpha_bar[i].item()
+    if a_i == 0.0:
+        raise ValueError("an iPNDM step from a zero-SNR point is undefined; use euler_step")
+    a_n = schedule.sqrt_alpha_bar[i - 1].item() if i > 0 else 1.0
+    s_n = schedule.sqrt_one_minus_alpha_bar[i - 1].item() if i > 0 else 0.0
+    d = sum(w * e for w, e in zip(_IPNDM_WEIGHTS[k], reversed(eps_preds), strict=False))
+    return a_n * (x / a_i + (s_n / a_n - s_i / a_i) * d)
+
+
+@torch.no_grad()
+def ipndm_sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_T: Tensor,
+    *,
+    order: int = 3,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = False,
+    dynamic_threshold: float | None = None,
+    generator: torch.Generator | None = None,
+    record: Sequence[int] = (),
+    progress: bool = False,
+) -> SamplerOutput:
+    """iPNDM (``ipndm_step``) on the grid: one evaluation per point, the order growing from 1 as eps
+    predictions accumulate (no Runge-Kutta warm start: the "improved" in iPNDM), up to ``order``
+    (1-4). Deterministic: ``generator`` is unused. With the eps of the (possibly clipped) x0
+    prediction, eps = (x - alpha x0_pred) / sigma, so clipping and thresholding act as in the others."""
+    if order not in _IPNDM_WEIGHTS:
+        raise ValueError(f"iPNDM order must be 1, 2, 3 or 4, got {order}")
+    denoise = _denoiser(model, schedule, prediction, variance, clip_x0, dynamic_threshold)
+    eps_preds: list[Tensor] = []
+
+    def update(i, t, t_model, x):
+        pmv = denoise(x, t, t_model)
+        a_i, s_i = schedule.sqrt_alpha_bar[i].item(), schedule.sqrt_one_minus_alpha_bar[i].item()
+        eps_preds.append((x - a_i * pmv.x0_pred) / s_i)
+        del eps_preds[:-order]
+        if a_i == 0.0:  # zero terminal SNR: x is all noise, the x0 prediction carries the step
+            return euler_step(schedule, i, x, pmv.x0_pred)
+        return ipndm_step(schedule, i, x, eps_preds)
+
+    return _loop(schedule, x_T, record, progress, update)
+
+
 SAMPLERS: dict[str, Callable[..., SamplerOutput]] = {
     "ancestral": ancestral_sample,
     "ddim": ddim_sample,
@@ -695,6 +764,7 @@ SAMPLERS: dict[str, Callable[..., SamplerOutput]] = {
     "sde_dpm_solver": sde_dpm_solver_sample,
     "unipc": unipc_sample,
     "heun": heun_sample,
+    "ipndm": ipndm_sample,
 }
 
 
@@ -876,6 +946,7 @@ DEFAULT_GRIDS = {
     "sde_dpm_solver": "logsnr",
     "unipc": "logsnr",
     "heun": "karras",
+    "ipndm": "logsnr_sparse",
 }
 
 
