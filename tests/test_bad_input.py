@@ -27,6 +27,7 @@ from ddpm.cli import main
 from ddpm.config import RunConfig
 
 SHORT = ["--num", "2", "--steps", "2", "-q"]  # a quick `ddpm sample`
+RESUME = ["train", "--run-dir", "RUN", "--steps", "31", "-q"]  # one more step of the copied run
 
 
 class Row(NamedTuple):
@@ -432,39 +433,24 @@ ROWS: dict[str, Row] = {
     "checkpoint with a corrupt data order": Row(
         copied_run(
             _edited_meta(lambda m: m.update(data_order=5)),
-            "train",
-            "--run-dir",
-            "RUN",
-            "--steps",
-            "31",
-            "-q",
-        ),  # fmt: skip
+            *RESUME,
+        ),
         4,
         "cannot restore the training state",
     ),
     "checkpoint with a NaN training time": Row(
         copied_run(
             _edited_meta(lambda m: m.update(elapsed_s=float("nan"))),
-            "train",
-            "--run-dir",
-            "RUN",
-            "--steps",
-            "31",
-            "-q",
-        ),  # fmt: skip
+            *RESUME,
+        ),
         4,
         "cannot restore the training state (elapsed_s nan",
     ),
     "checkpoint with no skip counts": Row(
         copied_run(
             _edited_meta(lambda m: m.update(nonfinite=None)),
-            "train",
-            "--run-dir",
-            "RUN",
-            "--steps",
-            "31",
-            "-q",
-        ),  # fmt: skip
+            *RESUME,
+        ),
         4,
         "cannot restore the training state",
     ),
