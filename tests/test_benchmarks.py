@@ -89,6 +89,67 @@ def test_exact_sliced_wasserstein_falls_as_the_sample_grows_and_sees_a_shift(mix
     assert abs(shifted - 0.2 * 2 / math.pi) < 0.02
 
 
+@pytest.fixture
+def sampler_benchmark(mixtures):
+    import samplers
+
+    return samplers
+
+
+def test_a_ratio_to_the_chain_is_the_ratio_of_the_seed_means_not_the_mean_of_ratios(
+    sampler_benchmark,
+):
+    # Per-seed ratios 2 and 2/3 average 1.33; the expected distances are equal.
+    assert sampler_benchmark.ratio_of_means([2.0, 2.0], [1.0, 3.0])[0] == pytest.approx(1.0)
+    assert sampler_benchmark.ratio_of_means([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == (2.0, 0.0)
+
+
+def test_the_ratio_standard_error_matches_its_spread_over_repeated_experiments(sampler_benchmark):
+    """Independent x ~ 1.2 (1 + 0.3 z), y ~ 1 + 0.3 z', 30 seeds: the delta-method SE must match the
+    standard deviation of R over 2000 repeated experiments (~0.3 sqrt(1.44 + 1.44) / sqrt(30) ~ 0.093)
+    to 10%; an SE that ignored either spread (0.066) or the pairing would miss."""
+    g = torch.Generator().manual_seed(0)
+    x = 1.2 * (1 + 0.3 * torch.randn(2000, 30, generator=g, dtype=torch.float64))
+    y = 1 + 0.3 * torch.randn(2000, 30, generator=g, dtype=torch.float64)
+    fits = [
+        sampler_benchmark.ratio_of_means(a.tolist(), b.tolist()) for a, b in zip(x, y, strict=True)
+    ]
+    ratios = torch.tensor([r for r, _ in fits])
+    mean_se = sum(se for _, se in fits) / len(fits)
+    assert abs(ratios.mean() - 1.2) < 0.01
+    assert mean_se == pytest.approx(float(ratios.std()), rel=0.1)
+    # Paired: y shares x's noise, so R is sharp and the SE says so.
+    paired = sampler_benchmark.ratio_of_means(x[0].tolist(), (x[0] / 1.2 * 1.001).tolist())
+    assert paired[1] < 1e-12 and paired[0] == pytest.approx(1.2 / 1.001)
+
+
+def test_target_se_adds_seeds_until_every_chain_ratio_is_resolved_or_the_cap(tmp_path):
+    """... and the true-sample floor, which costs no network, has --floor-seeds seeds or as many as
+    the cells."""
+    script = Path(__file__).parent.parent / "benchmarks" / "samplers.py"
+
+    def run(*args):
+        out = tmp_path / "resolved.json"
+        done = subprocess.run(
+            [sys.executable, str(script), "--mixtures", "2d-3", "--samplers", "ddim",
+             "--num", "200", "--budgets", "5", "--seeds", "2", "--floor-seeds", "5",
+             "--out", str(out), *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return __import__("json").loads(out.read_text())["mixtures"][0]
+
+    plain = run()
+    assert plain["seeds"] == 2 and len(plain["floor_sw_per_seed"]) == 5
+    capped = run("--target-se", "0.001", "--max-seeds", "7")
+    assert capped["seeds"] == 7 and len(capped["rows"][0]["sw_per_seed"]) == 7
+    assert len(capped["floor_sw_per_seed"]) == 7
+    loose = run("--target-se", "0.2", "--max-seeds", "40")
+    assert 2 <= loose["seeds"] < 40
+    assert loose["rows"][0]["sw_ratio_se"] <= 0.2 * loose["rows"][0]["sw_ratio"]
+    assert loose["ode_over_chain_se"] <= 0.2 * loose["ode_over_chain"]
+
+
 def test_sampler_figure_draws_one_captioned_row_per_sampler_and_budget(trained_run, tmp_path):
     from PIL import Image
 
