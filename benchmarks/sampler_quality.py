@@ -49,6 +49,8 @@ SAMPLERS = [
     ("dpm_solver++ 2M sparse", "dpm_solver", {"order": 2}, "logsnr_sparse"),
     ("unipc-2 sparse", "unipc", {"order": 2}, "logsnr_sparse"),
     ("heun karras", "heun", {}, "karras"),
+    ("ipndm-3 sparse", "ipndm", {"order": 3}, "logsnr_sparse"),
+    ("ipndm-4 quadratic", "ipndm", {"order": 4}, "quadratic"),
     ("sde_dpm_solver++ 2M", "sde_dpm_solver", {"order": 2}, "logsnr"),
     ("sde_dpm_solver++ 2M linspace", "sde_dpm_solver", {"order": 2}, "linspace"),
 ]
