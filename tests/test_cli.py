@@ -175,6 +175,33 @@ def test_console_script_info_and_error(trained_run, tmp_path):
     assert proc.returncode == 2
 
 
+@pytest.mark.parametrize("world_size,finalized", [("1", True), ("2", False)])
+def test_a_torchrun_rank_exits_with_its_output_and_code_but_without_finalization(
+    trained_run, tmp_path, world_size, finalized
+):
+    # Finalizing the interpreter under gloo threads that outlive destroy_process_group() can abort
+    # a finished rank (SIGABRT), so ranks skip it; an atexit hook shows whether it ran.
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('finalized', file=sys.stderr))\n"
+        "from ddpm.cli import run\n"
+        "run()\n"
+    )
+    for args, code in ([["info", str(trained_run)], 0], [["info", str(tmp_path / "none")], 4]):
+        proc = subprocess.run(
+            [sys.executable, "-c", script, *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "WORLD_SIZE": world_size},
+        )
+        assert proc.returncode == code, proc.stderr
+        assert ("finalized" in proc.stderr) == finalized
+        # Block-buffered pipes were flushed before the exit.
+        assert "checkpoints:" in proc.stdout if code == 0 else "no such run" in proc.stderr
+
+
 @pytest.mark.parametrize(
     "flags,tag",
     [

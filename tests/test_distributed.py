@@ -31,6 +31,7 @@ def torchrun(args: list[str], cwd: Path, **extra_env: str) -> subprocess.Complet
         "PYTHONWARNINGS": "ignore",
         "OMP_NUM_THREADS": "1",
         "MASTER_ADDR": "127.0.0.1",
+        "PYTHONFAULTHANDLER": "1",  # a rank that aborts shows where (in the stderr of a failure)
         **extra_env,
     }
     if sys.platform == "linux":

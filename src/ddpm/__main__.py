@@ -1,5 +1,5 @@
 """``python -m ddpm``: the same as the ``ddpm`` command."""
 
-from ddpm.cli import main
+from ddpm.cli import run
 
-raise SystemExit(main())
+run()

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from ddpm import distributed
 from ddpm.errors import DDPMError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; training stopped by SIGTERM exits with 128 + 15 = 143
@@ -872,3 +873,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
+
+
+def run() -> None:
+    """The ``ddpm`` console script and ``python -m ddpm``: ``main()``, then exit with its code.
+
+    A torchrun rank (WORLD_SIZE > 1) leaves through ``os._exit`` once its output is flushed, skipping
+    interpreter finalization: with PyTorch 2.13, DistributedDataParallel keeps the gloo process
+    group alive in C++ after ``destroy_process_group()`` (its worker threads still run), and
+    finalizing the interpreter under them sometimes aborts a rank that had finished its work
+    ("terminate called without an active exception", SIGABRT; about one CI run in five). Every file
+    a rank writes is closed by then; only the process exit is changed."""
+    code = main()
+    if distributed.env_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -44,6 +44,11 @@ class Dist:
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
+def env_world_size() -> int:
+    """WORLD_SIZE from the environment (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def env_rank() -> int:
     """RANK from the environment (0 outside torchrun): lets the CLI print only on rank 0."""
     return int(os.environ.get("RANK", "0") or 0)
@@ -58,7 +63,7 @@ def setup(device: str = "cpu") -> Dist:
     """Join the process group torchrun describes in the environment, or return the one-process Dist.
 
     ``device``: where training runs ("cpu", or "cuda" for this rank's LOCAL_RANK GPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world_size = env_world_size()
     if world_size <= 1:
         return Dist()
     import torch.distributed as dist
@@ -75,6 +80,9 @@ def setup(device: str = "cpu") -> Dist:
 
 
 def teardown(d: Dist) -> None:
+    """Destroy the process group setup() created. With gloo, a group DistributedDataParallel used
+    stays alive in C++ after this (PyTorch 2.13: its threads still run), so a process that ends
+    should leave without interpreter finalization, as ``ddpm.cli.run`` does for torchrun ranks."""
     if d.owns_group:
         import torch.distributed as dist
 

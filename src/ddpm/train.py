@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import math
 import signal
 import sys
@@ -176,7 +175,6 @@ def train(
     d = distributed.setup(device.type)
     if d.enabled and device.type == "cuda":
         device = torch.device(d.device)  # this rank's LOCAL_RANK GPU
-    job = None
     try:
         run_dir = Path(run_dir)
         check_run_dir(run_dir)
@@ -186,13 +184,6 @@ def train(
             with job.threads:
                 return _train(job, progress=progress and d.is_main, verbose=verbose and d.is_main)
     finally:
-        if d.enabled:
-            # Free DistributedDataParallel, which holds the process group, before the group is
-            # destroyed: left to interpreter shutdown, gloo's threads free its tensors without the
-            # GIL and the rank dies with SIGABRT ("terminate called without an active exception")
-            # after the run has finished (once in a full test run of 2026-12-02).
-            job = None
-            gc.collect()
         distributed.teardown(d)
 
 
