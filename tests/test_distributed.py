@@ -154,3 +154,18 @@ def test_importance_sampled_timesteps_stay_in_step_across_processes(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert latest_checkpoint(run).tensors["train_state"]["importance.counts"].min() == 10
     assert_close_weights(single, run)
+
+
+@pytest.mark.parametrize("name", ["WORLD_SIZE", "RANK", "LOCAL_RANK"])
+def test_a_malformed_torchrun_variable_is_one_line_before_any_write(
+    name, points_toml, tmp_path, monkeypatch, capsys
+):
+    from ddpm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(name, "two")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(points_toml), "--run-dir", str(run), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ddpm: error: {name} in the environment must be an integer, got 'two'"
+    assert not run.exists()

@@ -885,7 +885,11 @@ def run() -> None:
     ("terminate called without an active exception", SIGABRT; about one CI run in five). Every file
     a rank writes is closed by then; only the process exit is changed."""
     code = main()
-    if distributed.env_world_size() > 1:
+    try:
+        ranks = distributed.env_world_size()
+    except DDPMError:  # a malformed WORLD_SIZE: main() has said so if the command needed it
+        ranks = 1
+    if ranks > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -44,14 +46,22 @@ class Dist:
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ConfigError(f"{name} in the environment must be an integer, got {value!r}") from None
+
+
 def env_world_size() -> int:
     """WORLD_SIZE from the environment (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return _env_int("WORLD_SIZE", 1)
 
 
 def env_rank() -> int:
     """RANK from the environment (0 outside torchrun): lets the CLI print only on rank 0."""
-    return int(os.environ.get("RANK", "0") or 0)
+    return _env_int("RANK", 0)
 
 
 def backend_for(device: str) -> str:
@@ -68,7 +78,8 @@ def setup(device: str = "cpu") -> Dist:
         return Dist()
     import torch.distributed as dist
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    env_rank()  # a malformed RANK gets our one-line error, not the process group's
+    local_rank = _env_int("LOCAL_RANK", 0)
     if torch.device(device).type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
